@@ -1,0 +1,52 @@
+# TenantTune: `make demo` and `make test` do all the set-up they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint unit integration e2e bench up down clean
+
+setup: $(STAMP)
+
+# The CPU torch wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/tenanttune demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest tests/unit
+
+integration: setup
+	$(BIN)/pytest tests/integration
+
+e2e: setup
+	$(BIN)/pytest tests/e2e
+
+# Lint, then every tier (unit, integration, e2e) in one run.
+test: lint
+	$(BIN)/pytest tests
+
+bench: setup
+	$(BIN)/python bench/train_overhead.py
+
+up: setup
+	$(BIN)/tenanttune up
+
+down: setup
+	$(BIN)/tenanttune down
+
+clean:
+	rm -rf .tenanttune data models .pytest_cache .mypy_cache .ruff_cache

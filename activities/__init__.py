@@ -1,0 +1,1 @@
+"""Side-effecting steps of the workflows. Thin: parse input, call training/ or a client."""

@@ -1,0 +1,64 @@
+"""The only activity that writes the Redis mirror. Best effort: Redis down never fails a job."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from redis.exceptions import RedisError
+from temporalio import activity
+
+from tenanttune.jobs import JobState
+from tenanttune.mirror import JobMirror, now_ms
+from tenanttune.types import StatusUpdate
+
+log = logging.getLogger(__name__)
+
+
+class StatusActivities:
+    def __init__(self, mirror: JobMirror) -> None:
+        self.mirror = mirror
+        self._last_progress: dict[str, float] = {}
+
+    @activity.defn
+    async def record_status(self, update: StatusUpdate) -> bool:
+        """Move the job to its new Bull state; False (not an error) when Redis is unavailable."""
+        state = JobState(update.state)
+        fields: dict[str, object] = {"stage": update.stage} if update.stage else {}
+        if update.company_id:
+            fields["companyId"] = update.company_id
+        if update.name:
+            fields["name"] = update.name
+        if update.progress is not None:
+            fields["progress"] = update.progress
+        if update.attempts_made is not None:
+            fields["attemptsMade"] = update.attempts_made
+        if state is JobState.ACTIVE:
+            fields["processedOn"] = now_ms()
+        if state in (JobState.COMPLETED, JobState.FAILED):
+            fields["finishedOn"] = now_ms()
+        if update.result is not None:
+            fields["returnvalue"] = update.result
+        if update.failed_reason is not None:
+            fields["failedReason"] = update.failed_reason
+        try:
+            return await self.mirror.move(update.queue, update.job_id, state, fields)
+        except (RedisError, OSError) as exc:
+            log.warning("mirror unavailable, %s not recorded as %s: %s", update.job_id, state, exc)
+            return False
+
+    async def report_progress(
+        self, queue: str, job_id: str, progress: float, stage: str = "", min_interval_s: float = 1.0
+    ) -> None:
+        """Progress from inside a long activity, at most once per `min_interval_s`."""
+        now = time.monotonic()
+        if now - self._last_progress.get(job_id, 0.0) < min_interval_s and progress < 100:
+            return
+        self._last_progress[job_id] = now
+        fields: dict[str, object] = {"progress": round(progress, 1)}
+        if stage:
+            fields["stage"] = stage
+        try:
+            await self.mirror.set_fields(queue, job_id, fields)
+        except (RedisError, OSError) as exc:
+            log.debug("mirror unavailable, progress of %s not recorded: %s", job_id, exc)

@@ -1,0 +1,351 @@
+"""Activities of the training workflow: export the data, train (subprocess), register the model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections import deque
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.status import StatusActivities
+from tenanttune.errors import InvalidDatasetError, TrainingFailedError
+from tenanttune.settings import TRAINING_QUEUE, Settings
+from tenanttune.types import (
+    ExportRequest,
+    ExportResult,
+    RegisterModelRequest,
+    TrainModelRequest,
+    TrainModelResult,
+    TrainResult,
+)
+from training import dataset
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_BAD_INPUT = 3  # training.train's status for input no retry will fix
+PR_SET_PDEATHSIG = 1
+
+# Share of the job's progress bar each stage covers.
+EXPORT_DONE, TRAIN_DONE = 5.0, 95.0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the worker dies, so no orphan keeps training."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class TrainingActivities:
+    def __init__(self, settings: Settings, status: StatusActivities) -> None:
+        self.settings = settings
+        self.status = status
+
+    @activity.defn
+    async def export_training_data(self, req: ExportRequest) -> ExportResult:
+        """Validate and clean the tenant's raw JSONL; write the splits this job trains on."""
+        s = self.settings
+        run_data = s.runs_dir / req.job_id / "data"
+        outputs = [
+            (run_data / "train.jsonl", run_data / "validation.jsonl"),
+            # The tenant's latest export, at the path the manual training command uses.
+            (
+                s.data_dir / f"{req.company_id}-training.jsonl",
+                s.data_dir / f"{req.company_id}-validation.jsonl",
+            ),
+        ]
+        tenant_dir = s.tenant_data_dir(req.company_id)
+        try:
+            exported = await asyncio.to_thread(
+                dataset.export,
+                tenant_dir,
+                outputs,
+                max_example_chars=s.max_example_chars,
+                validation_share=s.validation_share,
+                min_examples=s.min_examples,
+            )
+        except ValueError as exc:
+            raise ApplicationError(
+                f"training data for {req.company_id} in {tenant_dir} is not usable: {exc}",
+                type=InvalidDatasetError.__name__,
+                non_retryable=True,
+            ) from exc
+        await self.status.report_progress(TRAINING_QUEUE, req.job_id, EXPORT_DONE, "training")
+        return ExportResult(
+            train_path=str(outputs[0][0]),
+            validation_path=str(outputs[0][1]),
+            dataset_size=exported.report.usable,
+            validation_size=exported.validation_size,
+            quality_score=exported.report.quality_score,
+            dataset_sha256=exported.sha256,
+        )
+
+    @activity.defn
+    async def train_model(self, req: TrainModelRequest) -> TrainModelResult:
+        """Run `python -m training.train` in a subprocess; heartbeat its progress.
+
+        A retry resumes from the checkpoint named in the last heartbeat. Cancelling the
+        activity terminates the subprocess's whole process group.
+        """
+        info = activity.info()
+        run_dir = self.settings.runs_dir / req.job_id
+        output_dir = run_dir / f"attempt-{info.attempt}"
+        base = req.base_model or await self._tiny_base()
+        resume = _checkpoint_from(info.heartbeat_details) or _latest_checkpoint(
+            run_dir / "checkpoints"
+        )
+        hp = req.hyperparameters
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--base-model",
+            base,
+            "--train-file",
+            req.train_path,
+            "--eval-file",
+            req.validation_path,
+            "--output-dir",
+            str(output_dir),
+            "--checkpoint-dir",
+            str(run_dir / "checkpoints"),
+            "--epochs",
+            str(hp.epochs),
+            "--batch-size",
+            str(hp.batch_size),
+            "--learning-rate",
+            str(hp.learning_rate),
+            "--lora-r",
+            str(hp.lora_r),
+            "--lora-alpha",
+            str(hp.lora_alpha),
+            "--lora-dropout",
+            str(hp.lora_dropout),
+            "--target-modules",
+            ",".join(hp.target_modules),
+            "--max-seq-len",
+            str(hp.max_seq_len),
+            "--grad-accum",
+            str(hp.grad_accum),
+            "--seed",
+            str(hp.seed),
+            "--save-steps",
+            str(req.save_steps),
+        ]
+        if resume:
+            cmd += ["--resume-from-checkpoint", resume]
+            log.info("job %s attempt %d resumes from %s", req.job_id, info.attempt, resume)
+        run = _TrainingRun(self.status, req.job_id, resume)
+        await run.execute(cmd)
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+        return TrainModelResult(
+            adapter_path=str(output_dir),
+            base_model=base,
+            metrics=_summary(metrics),
+            resumed_from_step=int(metrics.get("resumed_from_step", 0)),
+        )
+
+    async def _tiny_base(self) -> str:
+        """Build the tiny base model in a subprocess (torch stays out of the worker)."""
+        target = self.settings.tiny_base_dir
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "training.base_model",
+            str(target),
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise ApplicationError(f"building the tiny base model failed: {out.decode()[-2000:]}")
+        return str(target)
+
+    @activity.defn
+    async def register_model(self, req: RegisterModelRequest) -> TrainResult:
+        """Publish the adapter under <models>/<company>/<version>/ with a manifest (one rename)."""
+        target = self.settings.models_dir / req.company_id / req.version
+        manifest_path = target / "manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("job_id") != req.job_id:
+                raise ApplicationError(
+                    f"model version {req.version} of {req.company_id} already exists "
+                    f"(made by job {manifest.get('job_id')}); choose another version",
+                    type=TrainingFailedError.__name__,
+                    non_retryable=True,
+                )
+        else:
+            manifest = {
+                "company_id": req.company_id,
+                "version": req.version,
+                "job_id": req.job_id,
+                "base_model": req.base_model,
+                "hyperparameters": asdict(req.hyperparameters),
+                "dataset": {
+                    "sha256": req.export.dataset_sha256,
+                    "size": req.export.dataset_size,
+                    "validation_size": req.export.validation_size,
+                    "quality_score": req.export.quality_score,
+                },
+                "metrics": req.metrics,
+                "created_at": datetime.now(UTC).isoformat(),
+            }
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(req.adapter_path, tmp)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(target)
+        # The job's scratch space (checkpoints, attempts) is no longer needed.
+        shutil.rmtree(self.settings.runs_dir / req.job_id, ignore_errors=True)
+        await self.status.report_progress(TRAINING_QUEUE, req.job_id, 100.0, "registered")
+        return TrainResult(
+            model_path=str(target),
+            version=req.version,
+            base_model=req.base_model,
+            metrics=req.metrics,
+            dataset_size=req.export.dataset_size,
+            quality_score=req.export.quality_score,
+        )
+
+
+class _TrainingRun:
+    """One training subprocess: its output turned into heartbeats and progress."""
+
+    def __init__(self, status: StatusActivities, job_id: str, resume: str) -> None:
+        self.status = status
+        self.job_id = job_id
+        self.details: dict[str, Any] = {"step": 0, "total": 0, "loss": None, "checkpoint": resume}
+        self.stderr: deque[str] = deque(maxlen=40)
+        self.error: dict[str, Any] | None = None
+
+    async def execute(self, cmd: list[str]) -> None:
+        """Run to the end; raise ApplicationError (retryable or not) if it fails."""
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        beats = asyncio.create_task(self._heartbeat_forever())
+        drain = asyncio.create_task(self._drain(proc.stderr))
+        try:
+            async for raw in proc.stdout:
+                await self._on_line(raw.decode(errors="replace").strip())
+            rc = await proc.wait()
+            await drain
+        except asyncio.CancelledError:
+            await _terminate(proc)
+            raise
+        finally:
+            beats.cancel()
+            drain.cancel()
+        if rc == 0:
+            return
+        if rc == EXIT_BAD_INPUT and self.error:
+            raise ApplicationError(
+                self.error.get("message", "training input rejected"),
+                type=self.error.get("kind", TrainingFailedError.__name__),
+                non_retryable=True,
+            )
+        tail = "\n".join(self.stderr)
+        raise ApplicationError(f"training process exited with status {rc}:\n{tail[-3000:]}")
+
+    async def _on_line(self, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            log.info("training: %s", line)
+            return
+        kind = event.get("event")
+        if kind == "start":
+            self.details["total"] = event["total_steps"]
+        elif kind == "step":
+            self.details.update(
+                step=event["step"],
+                total=event["total_steps"],
+                loss=event["loss"],
+                epoch=event["epoch"],
+                tokens_per_s=event["tokens_per_s"],
+            )
+            total = max(int(event["total_steps"]), 1)
+            progress = EXPORT_DONE + (TRAIN_DONE - EXPORT_DONE) * event["step"] / total
+            await self.status.report_progress(TRAINING_QUEUE, self.job_id, progress, "training")
+        elif kind == "eval":
+            self.details["eval_loss"] = event["eval_loss"]
+        elif kind == "checkpoint":
+            self.details["checkpoint"] = event["path"]
+        elif kind == "error":
+            self.error = event
+        activity.heartbeat(dict(self.details))
+
+    async def _heartbeat_forever(self) -> None:
+        # Model loading prints nothing for a while; keep the activity alive meanwhile.
+        while True:
+            activity.heartbeat(dict(self.details))
+            await asyncio.sleep(5)
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            self.stderr.append(raw.decode(errors="replace").rstrip())
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the subprocess's group, then SIGKILL after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+            return
+        except TimeoutError:
+            continue
+
+
+def _checkpoint_from(details: Any) -> str:
+    if details and isinstance(details[0], dict):
+        path = details[0].get("checkpoint") or ""
+        if path and Path(path).is_dir():
+            return str(path)
+    return ""
+
+
+def _latest_checkpoint(directory: Path) -> str:
+    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else ""
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "steps",
+        "total_steps",
+        "resumed_from_step",
+        "train_loss",
+        "first_eval_loss",
+        "eval_loss",
+        "train_tokens",
+        "tokens_per_s",
+        "runtime_s",
+        "train_examples",
+        "eval_examples",
+    )
+    return {k: metrics.get(k) for k in keep}

@@ -1,0 +1,1 @@
+"""The HTTP API: starts and queries workflows."""

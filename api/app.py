@@ -1,0 +1,59 @@
+"""The FastAPI app: `uvicorn api.app:app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.deps import TemporalConnector
+from api.routes import datasets, health, jobs, models
+from tenanttune.mirror import JobMirror
+from tenanttune.settings import DEV_JWT_SECRET, Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if settings.environment != "development" and settings.jwt_secret == DEV_JWT_SECRET:
+        raise RuntimeError("refusing to start: JWT_SECRET is the development default")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.temporal = TemporalConnector(settings)
+        app.state.mirror = JobMirror.from_url(
+            settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
+        )
+        yield
+        await app.state.mirror.close()
+
+    app = FastAPI(title="TenantTune", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+        ]
+        return JSONResponse(
+            status_code=422,
+            content={
+                "success": False,
+                "message": "; ".join(problems),
+                "detail": jsonable_encoder(exc.errors()),
+            },
+        )
+
+    for router in (health.router, models.router, jobs.router, datasets.router):
+        app.include_router(router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn api.app:app` builds the app on first access, after settings are in the env.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,136 @@
+"""The read path of job status: the Redis mirror first, Temporal when Redis misses or is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from redis.exceptions import RedisError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.schemas import Job
+from tenanttune.jobs import queue_of
+from tenanttune.mirror import JobMirror
+from tenanttune.temporal import COMPANY_ID
+from tenanttune.types import JobProgress
+
+QUERY_TIMEOUT_S = 2.0
+STATUS_ACTIVITY = "record_status"
+
+
+async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> Job | None:
+    """The job's Bull-style view, or None if no such job exists."""
+    queue = queue_of(job_id)
+    if queue is None:
+        return None
+    try:
+        cached = await mirror.get(queue, job_id)
+    except (RedisError, OSError):
+        cached = None
+    if cached is not None and cached.state != "unknown" and cached.company_id:
+        return Job(
+            jobId=job_id,
+            queue=queue,
+            companyId=cached.company_id,
+            state=cached.state,
+            progress=cached.progress,
+            stage=cached.stage,
+            result=cached.returnvalue,
+            failedReason=cached.failed_reason,
+            attemptsMade=cached.attempts_made,
+            timestamp=cached.timestamp,
+            processedOn=cached.processed_on,
+            finishedOn=cached.finished_on,
+            source="redis",
+        )
+    client: Client = await client_factory()
+    return await job_from_temporal(client, queue, job_id)
+
+
+async def job_from_temporal(client: Client, queue: str, job_id: str) -> Job | None:
+    handle = client.get_workflow_handle(job_id)
+    try:
+        desc = await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    company = desc.typed_search_attributes.get(COMPANY_ID) or ""
+    started = _ms(desc.start_time)
+    closed = _ms(desc.close_time)
+    job = Job(
+        jobId=job_id,
+        queue=queue,
+        companyId=company,
+        state="waiting",
+        progress=0.0,
+        timestamp=started,
+        finishedOn=closed,
+        source="temporal",
+    )
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        await _running_state(client, handle, desc, job)
+        if job.stage not in ("completed", "failed"):
+            return job
+        # The workflow is recording its outcome and closes in a moment: wait for it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(_wait_closed(handle)), QUERY_TIMEOUT_S)
+        desc = await handle.describe()
+        job.finishedOn = _ms(desc.close_time)
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        pass
+    elif desc.status == WorkflowExecutionStatus.COMPLETED:
+        job.state, job.progress, job.stage = "completed", 100.0, "completed"
+        job.result = await handle.result()
+    else:
+        job.state = "failed"
+        job.failedReason = await _failure_reason(handle, desc.status)
+    return job
+
+
+async def _running_state(client: Client, handle: Any, desc: Any, job: Job) -> None:
+    pending = [
+        a
+        for a in desc.raw_description.pending_activities
+        if a.activity_type.name != STATUS_ACTIVITY
+    ]
+    try:
+        progress = await asyncio.wait_for(
+            handle.query("progress", result_type=JobProgress), QUERY_TIMEOUT_S
+        )
+        job.stage, job.progress = progress.stage, progress.progress
+    except (TimeoutError, RPCError):
+        job.stage = pending[0].activity_type.name if pending else "waiting"
+    job.state = "waiting" if job.stage == "waiting" and not pending else "active"
+    for activity in pending:
+        if activity.heartbeat_details.payloads:
+            details = (await client.data_converter.decode(activity.heartbeat_details.payloads))[0]
+            if isinstance(details, dict) and details.get("total"):
+                job.progress = round(5.0 + 90.0 * details["step"] / details["total"], 1)
+        job.attemptsMade = max(job.attemptsMade, activity.attempt - 1)
+
+
+async def _failure_reason(handle: Any, status: WorkflowExecutionStatus | None) -> str:
+    if status == WorkflowExecutionStatus.CANCELED:
+        return "cancelled"
+    if status == WorkflowExecutionStatus.TERMINATED:
+        return "terminated"
+    if status == WorkflowExecutionStatus.TIMED_OUT:
+        return "timed out"
+    try:
+        await handle.result()
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        return str(getattr(cause, "message", None) or cause or exc)
+    return str(status)
+
+
+async def _wait_closed(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        await handle.result()
+
+
+def _ms(ts: Any) -> int | None:
+    return int(ts.timestamp() * 1000) if ts else None

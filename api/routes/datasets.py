@@ -1,0 +1,95 @@
+"""Tenant training data: upload a JSONL file and get a validation report back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, UploadFile, status
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentTenant, SettingsDep
+from api.schemas import DatasetReportOut, DatasetUploaded, LineErrorOut
+from training import dataset
+
+router = APIRouter(prefix="/api/ai/datasets", tags=["datasets"])
+_CHUNK = 1024 * 1024
+
+
+def _report_out(report: dataset.DatasetReport, filename: str) -> DatasetReportOut:
+    return DatasetReportOut(
+        totalLines=report.total_lines,
+        valid=report.valid,
+        invalid=report.invalid,
+        duplicates=report.duplicates,
+        tooLong=report.too_long,
+        usable=report.usable,
+        qualityScore=report.quality_score,
+        errors=[LineErrorOut(file=filename, line=e.line, message=e.message) for e in report.errors],
+        errorsTruncated=report.errors_truncated,
+    )
+
+
+def _safe_name(filename: str | None) -> str:
+    stem = Path(filename or "").stem
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip("._")[:80]
+    return f"{stem or 'upload-' + time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+
+
+@router.post(
+    "/{company_id}",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetUploaded,
+    responses={422: {"model": DatasetUploaded, "description": "no usable example; nothing stored"}},
+)
+async def upload_dataset(
+    company_id: CurrentTenant, file: UploadFile, settings: SettingsDep
+) -> DatasetUploaded | JSONResponse:
+    """Validate a JSONL file and add it to the tenant's training data (same name replaces)."""
+    name = _safe_name(file.filename)
+    tenant_dir = settings.tenant_data_dir(company_id)
+    tenant_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".part", dir=tenant_dir)
+    tmp = Path(tmp_name)
+    try:
+        size = 0
+        with open(fd, "wb") as out:
+            while chunk := await file.read(_CHUNK):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE,
+                        f"the file is larger than the {settings.max_upload_bytes} byte limit",
+                    )
+                out.write(chunk)
+        report, _ = await asyncio.to_thread(dataset.analyze, [tmp], settings.max_example_chars)
+        report_out = _report_out(report, name)
+        if report.usable == 0:
+            body = DatasetUploaded(
+                success=False,
+                message=f"nothing stored: {report.problem() or 'no usable example'}",
+                file=None,
+                report=report_out,
+                tenantDatasetSize=0,
+                tenantQualityScore=0.0,
+            )
+            return JSONResponse(status_code=422, content=body.model_dump())
+        tmp.replace(tenant_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    total, _ = await asyncio.to_thread(
+        dataset.analyze, dataset.tenant_files(tenant_dir), settings.max_example_chars
+    )
+    skipped = report.total_lines - report.usable
+    return DatasetUploaded(
+        success=True,
+        message=f"stored {name}: {report.usable} usable examples"
+        + (f", {skipped} lines skipped (see errors)" if skipped else ""),
+        file=name,
+        report=report_out,
+        tenantDatasetSize=total.usable,
+        tenantQualityScore=total.quality_score,
+    )

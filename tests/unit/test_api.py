@@ -1,0 +1,137 @@
+"""The HTTP API's answers to bad requests: clear 4xx, and nothing queued or stored."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tenanttune.settings import Settings
+from tests.conftest import chat_line, seed_tenant, token
+
+GOOD = {"epochs": 3, "batchSize": 4, "learningRate": 0.0002}
+
+
+async def test_health(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_missing_or_bad_token_is_401(api: httpx.AsyncClient, settings: Settings) -> None:
+    r = await api.post("/api/ai/models/acme/train", json=GOOD)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "tenanttune token" in r.json()["detail"]
+    r = await api.post(
+        "/api/ai/models/acme/train", json=GOOD, headers={"Authorization": "Bearer nonsense"}
+    )
+    assert r.status_code == 401
+    r = await api.get(
+        "/api/ai/jobs/train-acme-0123456789abcdef", headers=token(settings, "acme", ttl_s=-5)
+    )
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
+async def test_other_tenant_is_403(api: httpx.AsyncClient, settings: Settings) -> None:
+    r = await api.post("/api/ai/models/acme/train", json=GOOD, headers=token(settings, "globex"))
+    assert r.status_code == 403
+    assert "globex" in r.json()["detail"]
+
+
+async def test_bad_company_id_is_400(api: httpx.AsyncClient, settings: Settings) -> None:
+    r = await api.post(
+        "/api/ai/models/ACME..x/train", json=GOOD, headers=token(settings, "ACME..x")
+    )
+    assert r.status_code == 400
+    assert "companyId must be" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 1000}, "epochs"),
+        ({"batchSize": -1}, "batchSize"),
+        ({"learningRate": 5}, "learningRate"),
+        ({"learningRate": "fast"}, "learningRate"),
+        ({"epochz": 3}, "epochz"),
+        ({"targetModules": ["lm_head"]}, "targetModules"),
+        ({"version": "../x"}, "version"),
+    ],
+)
+async def test_out_of_range_hyperparameters_are_422(
+    api: httpx.AsyncClient, settings: Settings, body: dict[str, object], field: str
+) -> None:
+    seed_tenant(settings, "acme")
+    r = await api.post("/api/ai/models/acme/train", json=body, headers=token(settings, "acme"))
+    assert r.status_code == 422
+    assert field in r.json()["message"]
+
+
+async def test_tenant_without_data_is_422(api: httpx.AsyncClient, settings: Settings) -> None:
+    r = await api.post("/api/ai/models/nodata/train", json=GOOD, headers=token(settings, "nodata"))
+    assert r.status_code == 422
+    assert "has no training data" in r.json()["detail"]
+    assert "POST /api/ai/datasets/nodata" in r.json()["detail"]
+
+
+async def test_tenant_with_only_bad_data_is_422(api: httpx.AsyncClient, settings: Settings) -> None:
+    tenant = settings.tenant_data_dir("junk")
+    tenant.mkdir(parents=True, exist_ok=True)
+    (tenant / "x.jsonl").write_text("{nope\n[]\n")
+    r = await api.post("/api/ai/models/junk/train", json=GOOD, headers=token(settings, "junk"))
+    assert r.status_code == 422
+    assert "x.jsonl line 1: not valid JSON" in r.json()["detail"]
+
+
+async def test_upload_reports_line_errors_and_stores(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    lines = [chat_line(f"question {i}", f"answer {i}") for i in range(12)]
+    content = "\n".join(lines[:5] + ["{bad json", '{"prompt": "p"}'] + lines[5:]) + "\n"
+    r = await api.post(
+        "/api/ai/datasets/uploader",
+        headers=token(settings, "uploader"),
+        files={"file": ("my data!.jsonl", content.encode())},
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["file"] == "my_data.jsonl"
+    assert body["report"]["usable"] == 12 and body["report"]["invalid"] == 2
+    assert [e["line"] for e in body["report"]["errors"]] == [6, 7]
+    assert body["tenantDatasetSize"] == 12
+    assert (settings.tenant_data_dir("uploader") / "my_data.jsonl").read_text() == content
+
+
+async def test_upload_with_nothing_usable_stores_nothing(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    r = await api.post(
+        "/api/ai/datasets/empty",
+        headers=token(settings, "empty"),
+        files={"file": ("e.jsonl", b"\xff\xfe\n{x\n")},
+    )
+    assert r.status_code == 422
+    assert r.json()["report"]["errors"][0] == {
+        "file": "e.jsonl",
+        "line": 1,
+        "message": "not valid UTF-8 (byte 0)",
+    }
+    assert list(settings.tenant_data_dir("empty").iterdir()) == []
+
+
+async def test_upload_over_the_size_limit_is_413(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    big = (chat_line("q", "a" * 1000) + "\n").encode() * (settings.max_upload_bytes // 1000 + 10)
+    r = await api.post(
+        "/api/ai/datasets/big", headers=token(settings, "big"), files={"file": ("b.jsonl", big)}
+    )
+    assert r.status_code == 413
+    assert str(settings.max_upload_bytes) in r.json()["detail"]
+    assert list(settings.tenant_data_dir("big").iterdir()) == []
+
+
+async def test_job_ids_that_do_not_exist_are_404(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    r = await api.get("/api/ai/jobs/not-a-job", headers=token(settings, "acme"))
+    assert r.status_code == 404

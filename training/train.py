@@ -1,0 +1,448 @@
+"""LoRA fine-tuning of a causal LM on a tenant's chat data.
+
+Runs on its own (``python -m training.train --help``) and as the subprocess of the
+`train_model` activity. It prints one JSON object per line on stdout:
+
+* ``{"event": "start", "total_steps": ..., "resumed_from_step": ...}``
+* ``{"event": "step", "step", "total_steps", "epoch", "loss", "lr", "tokens_per_s"}``
+* ``{"event": "eval", "step", "eval_loss"}``
+* ``{"event": "checkpoint", "step", "path"}``
+* ``{"event": "done", "output_dir", "metrics"}``
+* ``{"event": "error", "kind", "message"}`` (exit status 3: bad input, do not retry)
+
+The script reads top to bottom: config, seed, model, data, optimiser, train, save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 3
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = field(metadata={"help": "HF model id or local dir (safetensors only)"})
+    train_file: str = field(metadata={"help": "cleaned chat JSONL from the export step"})
+    output_dir: str = field(metadata={"help": "where the adapter, config and metrics go"})
+    eval_file: str = field(default="", metadata={"help": "validation split (chat JSONL)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names"}
+    )
+    max_seq_len: int = field(default=256, metadata={"help": "longer examples are truncated"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    seed: int = field(default=42, metadata={"help": "seed for init, shuffling and dropout"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps for LR warm-up"})
+    save_steps: int = field(default=10, metadata={"help": "checkpoint every N optimiser steps"})
+    checkpoint_dir: str = field(default="", metadata={"help": "default: <output_dir>-checkpoints"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "checkpoint dir to resume"})
+    max_steps: int = field(default=0, metadata={"help": "stop after N steps (0: all epochs)"})
+
+
+class BadInput(Exception):
+    """Raised for input that no retry will fix; maps to exit status 3."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def emit(event: str, **data: Any) -> None:
+    print(json.dumps({"event": event, **data}), flush=True)
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (1 <= cfg.epochs <= 100, "epochs must be between 1 and 100"),
+        (1 <= cfg.batch_size <= 512, "batch_size must be between 1 and 512"),
+        (0 < cfg.learning_rate <= 1.0, "learning_rate must be in (0, 1]"),
+        (1 <= cfg.lora_r <= 512, "lora_r must be between 1 and 512"),
+        (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (16 <= cfg.max_seq_len <= 32768, "max_seq_len must be between 16 and 32768"),
+        (1 <= cfg.grad_accum <= 1024, "grad_accum must be between 1 and 1024"),
+        (cfg.save_steps >= 1, "save_steps must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BadInput("InvalidHyperparametersError", message)
+    if not Path(cfg.train_file).is_file():
+        raise BadInput("InvalidDatasetError", f"training file not found: {cfg.train_file}")
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def load_base(cfg: TrainConfig) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.base_model)
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput("BaseModelError", f"base model must be a directory: {path}")
+        if not any(path.glob("*.safetensors")):
+            raise BadInput(
+                "BaseModelError",
+                f"no *.safetensors weights in {path}; pickled weights (.bin/.pt) are not loaded",
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise BadInput("BaseModelError", f"cannot load base model {cfg.base_model}: {exc}") from exc
+    return tokenizer, model
+
+
+def add_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    modules = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise BadInput("InvalidHyperparametersError", f"target_modules: {exc}") from exc
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def encode(
+    messages: list[dict[str, str]], tokenizer: Any, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels; only the assistant's turns (and their EOS) are learned."""
+    from training.chat import segments
+
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [-100] * len(ids)
+    for text, is_target in segments(messages):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if is_target:
+            piece = [*piece, tokenizer.eos_token_id]
+        ids.extend(piece)
+        labels.extend(piece if is_target else [-100] * len(piece))
+    return ids[:max_len], labels[:max_len]
+
+
+def load_split(path: str, tokenizer: Any, max_len: int) -> list[tuple[list[int], list[int]]]:
+    from training.dataset import read_examples
+
+    out = []
+    for messages in read_examples(Path(path)):
+        ids, labels = encode(messages, tokenizer, max_len)
+        if any(label != -100 for label in labels):
+            out.append((ids, labels))
+    return out
+
+
+def epoch_batches(n_items: int, lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Length-grouped batches: shuffle, sort within windows of 50 batches, shuffle the batches.
+
+    Deterministic for a given seed, so a resumed run sees the same order.
+    """
+    rng = random.Random(seed)
+    order = list(range(n_items))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, n_items, window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def evaluate(model: Any, data: list[tuple[list[int], list[int]]], pad_id: int, bs: int) -> float:
+    """Mean loss per target token over the validation split."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), bs):
+            batch = collate(data[start : start + bs], pad_id)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+            shift_labels = batch["labels"][:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], dir_: Path
+) -> Path:
+    """Write a checkpoint to a temp dir and rename it into place, keeping the last two."""
+    import torch
+
+    dir_.mkdir(parents=True, exist_ok=True)
+    final = dir_ / f"checkpoint-{state['step']}"
+    tmp = dir_ / f".checkpoint-{state['step']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp / "optimizer.pt",
+    )
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    done = sorted(dir_.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in done[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> dict[str, Any]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise BadInput("TrainingFailedError", f"checkpoint {path} has no adapter_model.safetensors")
+    set_peft_model_state_dict(model, load_file(str(weights)))
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
+    return state
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    import torch
+
+    validate(cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer, model = load_base(cfg)
+    model = add_lora(model, cfg)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+
+    train_data = load_split(cfg.train_file, tokenizer, cfg.max_seq_len)
+    eval_data = load_split(cfg.eval_file, tokenizer, cfg.max_seq_len) if cfg.eval_file else []
+    if not train_data:
+        raise BadInput("InvalidDatasetError", f"no trainable examples in {cfg.train_file}")
+    lengths = [len(ids) for ids, _ in train_data]
+
+    batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0.0
+    )
+    warmup = max(1, int(total_steps * cfg.warmup_ratio))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    state: dict[str, Any] = {"step": 0, "loss_history": [], "eval_history": [], "train_tokens": 0}
+    if cfg.resume_from_checkpoint:
+        state = load_checkpoint(model, optimizer, scheduler, Path(cfg.resume_from_checkpoint))
+    resumed_from = int(state["step"])
+    out = Path(cfg.output_dir)
+    checkpoint_dir = (
+        Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(f"{out.name}-checkpoints")
+    )
+    emit(
+        "start",
+        total_steps=total_steps,
+        resumed_from_step=resumed_from,
+        train_examples=len(train_data),
+        eval_examples=len(eval_data),
+    )
+
+    if eval_data and not state["eval_history"]:
+        first = evaluate(model, eval_data, pad_id, cfg.batch_size)
+        state["eval_history"].append([0, first])
+        emit("eval", step=0, eval_loss=first)
+
+    model.train()
+    step = resumed_from
+    started = time.perf_counter()
+    tokens_this_run = 0
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        batches = epoch_batches(len(train_data), lengths, cfg.batch_size, cfg.seed + epoch)
+        first_batch = (step - epoch * steps_per_epoch) * cfg.grad_accum
+        for group_start in range(first_batch, len(batches), cfg.grad_accum):
+            t0 = time.perf_counter()
+            group = batches[group_start : group_start + cfg.grad_accum]
+            n_targets = sum(
+                sum(lab != -100 for lab in train_data[i][1][1:]) for b in group for i in b
+            )
+            step_loss, step_tokens = 0.0, 0
+            for batch_idx in group:
+                batch = collate([train_data[i] for i in batch_idx], pad_id)
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)),
+                    batch["labels"][:, 1:].reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                ) / max(n_targets, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_this_run += step_tokens
+            state["train_tokens"] += step_tokens
+            state["loss_history"].append([step, step_loss])
+            emit(
+                "step",
+                step=step,
+                total_steps=total_steps,
+                epoch=epoch + 1,
+                loss=round(step_loss, 5),
+                lr=scheduler.get_last_lr()[0],
+                tokens_per_s=round(step_tokens / max(time.perf_counter() - t0, 1e-9), 1),
+            )
+            end_of_epoch = step % steps_per_epoch == 0
+            if eval_data and (end_of_epoch or step == total_steps):
+                eval_loss = evaluate(model, eval_data, pad_id, cfg.batch_size)
+                state["eval_history"].append([step, eval_loss])
+                emit("eval", step=step, eval_loss=eval_loss)
+            state["step"] = step
+            if step % cfg.save_steps == 0 and step < total_steps:
+                path = save_checkpoint(model, optimizer, scheduler, state, checkpoint_dir)
+                emit("checkpoint", step=step, path=str(path))
+            if step >= total_steps or end_of_epoch:
+                break
+
+    runtime = time.perf_counter() - started
+    metrics = {
+        "steps": step,
+        "total_steps": total_steps,
+        "resumed_from_step": resumed_from,
+        "train_loss": state["loss_history"][-1][1] if state["loss_history"] else None,
+        "loss_history": state["loss_history"],
+        "eval_history": state["eval_history"],
+        "first_eval_loss": state["eval_history"][0][1] if state["eval_history"] else None,
+        "eval_loss": state["eval_history"][-1][1] if state["eval_history"] else None,
+        "train_tokens": state["train_tokens"],
+        "tokens_per_s": round(tokens_this_run / runtime, 1) if runtime > 0 else 0.0,
+        "runtime_s": round(runtime, 3),
+        "train_examples": len(train_data),
+        "eval_examples": len(eval_data),
+    }
+    save_final(model, tokenizer, cfg, metrics)
+    emit(
+        "done",
+        output_dir=cfg.output_dir,
+        metrics={k: v for k, v in metrics.items() if not k.endswith("_history")},
+    )
+    return metrics
+
+
+def save_final(model: Any, tokenizer: Any, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+    """Adapter, tokenizer, effective config and metrics, published by one rename."""
+    out = Path(cfg.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__.split("\n")[0]
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        if f.default is MISSING:
+            parser.add_argument(flag, type=kind, required=True, help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=f.default,
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except BadInput as exc:
+        emit("error", kind=exc.kind, message=str(exc))
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
