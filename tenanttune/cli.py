@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -188,7 +187,7 @@ def _follow(http: httpx.Client, job_id: str, timeout_s: float = 1800) -> dict[st
             bar.update(
                 task,
                 completed=job["progress"],
-                description=f"{job['state']:<9} {job.get('stage') or '':<11}",
+                description=_describe(job),
             )
             if job["state"] in ("completed", "failed"):
                 return job
@@ -197,9 +196,10 @@ def _follow(http: httpx.Client, job_id: str, timeout_s: float = 1800) -> dict[st
     raise typer.Exit(1)
 
 
-def main() -> None:
-    app()
+def _describe(job: dict[str, Any]) -> str:
+    stage = job.get("stage") or ""
+    return f"{job['state']} ({stage})" if job["state"] == "active" and stage else job["state"]
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    app()

@@ -1,0 +1,142 @@
+"""The whole stack as a user runs it: `tenanttune up`, the demo over HTTP, `down`, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "tenanttune.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for a private stack: own ports, dirs and Redis database."""
+    env = {
+        **os.environ,
+        "STATE_DIR": str(tmp_path / "state"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "MODELS_DIR": str(tmp_path / "models"),
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_UI_PORT": str(free_port()),
+        "API_PORT": str(free_port()),
+        "REDIS_URL": "redis://127.0.0.1:6379/14",
+    }
+    yield env
+    subprocess.run([*CLI, "down"], env=env, cwd=tmp_path, timeout=60, check=False)
+    assert not stack_processes(tmp_path), "processes outlived `tenanttune down`"
+
+
+def stack_processes(tmp_path: Path) -> list[str]:
+    """Command lines of live processes that belong to this test's stack."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes()
+            stat = (proc / "stat").read_text().split()
+        except OSError:
+            continue
+        if stat[2] != "Z" and str(tmp_path).encode() in env + cmd.encode():
+            found.append(cmd)
+    return found
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> str:
+    proc = subprocess.run(
+        [*CLI, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"tenanttune {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    )
+    return proc.stdout
+
+
+def test_detached_stack_runs_the_demo_and_stops_cleanly(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = run_cli(["up", "--detach"], stack_env, tmp_path, timeout=180)
+    assert "running in the background" in out
+    status = run_cli(["status"], stack_env, tmp_path, timeout=60)
+    for part in ("temporal", "redis", "api", "worker"):
+        line = next(x for x in status.splitlines() if f" {part} " in f" {x} ")
+        assert "✓" in line, status
+
+    out = run_cli(["demo", "--company", "globex", "--epochs", "1"], stack_env, tmp_path, 600)
+    assert "completed model:" in out
+    model_dir = Path(stack_env["MODELS_DIR"]) / "globex"
+    (version,) = [p for p in model_dir.iterdir() if p.is_dir()]
+    assert (version / "adapter_model.safetensors").exists()
+    assert (version / "manifest.json").exists()
+
+    # The demo did not start the stack, so it leaves it running; the API still answers.
+    api = f"http://127.0.0.1:{stack_env['API_PORT']}"
+    assert httpx.get(f"{api}/healthz", timeout=5).status_code == 200
+    token = run_cli(["token", "--company", "globex"], stack_env, tmp_path, 60).strip()
+    job = httpx.get(
+        f"{api}/api/ai/jobs/{version.name}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    ).json()
+    assert job["state"] == "completed" and job["companyId"] == "globex"
+
+    out = run_cli(["down"], stack_env, tmp_path, timeout=60)
+    assert "stack stopped" in out
+    deadline = time.monotonic() + 15
+    while stack_processes(tmp_path):
+        assert time.monotonic() < deadline, stack_processes(tmp_path)
+        time.sleep(0.3)
+
+
+def test_foreground_stack_stops_everything_on_ctrl_c(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "up"],
+        env=stack_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    api = f"http://127.0.0.1:{stack_env['API_PORT']}/healthz"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(api, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the stack did not come up"
+        time.sleep(0.5)
+    assert len(stack_processes(tmp_path)) >= 3  # supervisor, temporal, api, worker
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 15
+    while stack_processes(tmp_path):
+        assert time.monotonic() < deadline, stack_processes(tmp_path)
+        time.sleep(0.3)
