@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.deployment import DeploymentActivities
 from activities.status import StatusActivities
 from activities.training import TrainingActivities
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import QUEUES, TRAINING_QUEUE, Settings, get_settings
+from tenanttune.settings import DEPLOYMENT_QUEUE, QUEUES, TRAINING_QUEUE, Settings, get_settings
 from tenanttune.temporal import connect
+from workflows.deployment import DeploymentWorkflow
 from workflows.training import TrainingWorkflow
 
 log = logging.getLogger("tenanttune.worker")
@@ -27,6 +29,7 @@ def build_workers(
     """One Temporal worker per queue, each with that queue's workflows and activities."""
     status = StatusActivities(mirror)
     training = TrainingActivities(settings, status)
+    deployment = DeploymentActivities(settings, status)
     workers = []
     if TRAINING_QUEUE in queues:
         workers.append(
@@ -41,6 +44,22 @@ def build_workers(
                     training.register_model,
                 ],
                 max_concurrent_activities=settings.worker_max_concurrent_trainings + 4,
+            )
+        )
+    if DEPLOYMENT_QUEUE in queues:
+        workers.append(
+            Worker(
+                client,
+                task_queue=DEPLOYMENT_QUEUE,
+                workflows=[DeploymentWorkflow],
+                activities=[
+                    status.record_status,
+                    deployment.convert_to_gguf,
+                    deployment.deploy_model,
+                    deployment.verify_deployment,
+                    deployment.unpublish_model,
+                    deployment.finish_publish,
+                ],
             )
         )
     return workers

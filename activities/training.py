@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import json
 import logging
-import os
 import shutil
-import signal
 import sys
-from collections import deque
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +15,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.proc import EXIT_BAD_INPUT, REPO_ROOT, ScriptRun, die_with_parent
 from activities.status import StatusActivities
 from tenanttune.errors import InvalidDatasetError, TrainingFailedError
 from tenanttune.settings import TRAINING_QUEUE, Settings
@@ -32,20 +28,12 @@ from tenanttune.types import (
     TrainResult,
 )
 from training import dataset
+from training.base_model import short_name
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXIT_BAD_INPUT = 3  # training.train's status for input no retry will fix
-PR_SET_PDEATHSIG = 1
 
 # Share of the job's progress bar each stage covers.
 EXPORT_DONE, TRAIN_DONE = 5.0, 95.0
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the worker dies, so no orphan keeps training."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TrainingActivities:
@@ -108,9 +96,6 @@ class TrainingActivities:
         )
         hp = req.hyperparameters
         cmd = [
-            sys.executable,
-            "-m",
-            "training.train",
             "--base-model",
             base,
             "--train-file",
@@ -168,7 +153,7 @@ class TrainingActivities:
             cwd=REPO_ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         out, _ = await proc.communicate()
         if proc.returncode != 0:
@@ -221,44 +206,23 @@ class TrainingActivities:
             metrics=req.metrics,
             dataset_size=req.export.dataset_size,
             quality_score=req.export.quality_score,
+            base_short_name=short_name(req.base_model),
         )
 
 
 class _TrainingRun:
-    """One training subprocess: its output turned into heartbeats and progress."""
+    """One training subprocess: its JSON lines turned into heartbeats and job progress."""
 
     def __init__(self, status: StatusActivities, job_id: str, resume: str) -> None:
         self.status = status
         self.job_id = job_id
-        self.details: dict[str, Any] = {"step": 0, "total": 0, "loss": None, "checkpoint": resume}
-        self.stderr: deque[str] = deque(maxlen=40)
+        self.script = ScriptRun(self._on_event)
+        self.script.details = {"step": 0, "total": 0, "loss": None, "checkpoint": resume}
         self.error: dict[str, Any] | None = None
 
-    async def execute(self, cmd: list[str]) -> None:
+    async def execute(self, args: list[str]) -> None:
         """Run to the end; raise ApplicationError (retryable or not) if it fails."""
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            cwd=REPO_ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        beats = asyncio.create_task(self._heartbeat_forever())
-        drain = asyncio.create_task(self._drain(proc.stderr))
-        try:
-            async for raw in proc.stdout:
-                await self._on_line(raw.decode(errors="replace").strip())
-            rc = await proc.wait()
-            await drain
-        except asyncio.CancelledError:
-            await _terminate(proc)
-            raise
-        finally:
-            beats.cancel()
-            drain.cancel()
+        rc = await self.script.run("training.train", *args)
         if rc == 0:
             return
         if rc == EXIT_BAD_INPUT and self.error:
@@ -267,20 +231,17 @@ class _TrainingRun:
                 type=self.error.get("kind", TrainingFailedError.__name__),
                 non_retryable=True,
             )
-        tail = "\n".join(self.stderr)
-        raise ApplicationError(f"training process exited with status {rc}:\n{tail[-3000:]}")
+        raise ApplicationError(
+            f"training process exited with status {rc}:\n{self.script.stderr_tail()}"
+        )
 
-    async def _on_line(self, line: str) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            log.info("training: %s", line)
-            return
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        details = self.script.details
         kind = event.get("event")
         if kind == "start":
-            self.details["total"] = event["total_steps"]
+            details["total"] = event["total_steps"]
         elif kind == "step":
-            self.details.update(
+            details.update(
                 step=event["step"],
                 total=event["total_steps"],
                 loss=event["loss"],
@@ -291,34 +252,12 @@ class _TrainingRun:
             progress = EXPORT_DONE + (TRAIN_DONE - EXPORT_DONE) * event["step"] / total
             await self.status.report_progress(TRAINING_QUEUE, self.job_id, progress, "training")
         elif kind == "eval":
-            self.details["eval_loss"] = event["eval_loss"]
+            details["eval_loss"] = event["eval_loss"]
         elif kind == "checkpoint":
-            self.details["checkpoint"] = event["path"]
+            details["checkpoint"] = event["path"]
         elif kind == "error":
             self.error = event
-        activity.heartbeat(dict(self.details))
-
-    async def _heartbeat_forever(self) -> None:
-        # Model loading prints nothing for a while; keep the activity alive meanwhile.
-        while True:
-            activity.heartbeat(dict(self.details))
-            await asyncio.sleep(5)
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            self.stderr.append(raw.decode(errors="replace").rstrip())
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the subprocess's group, then SIGKILL after a grace period."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-            return
-        except TimeoutError:
-            continue
+        activity.heartbeat(dict(details))
 
 
 def _checkpoint_from(details: Any) -> str:

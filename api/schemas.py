@@ -29,6 +29,12 @@ class TrainBody(BaseModel):
         pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
         description="model version; default: the job id",
     )
+    autoDeploy: bool = Field(False, description="deploy the model when training succeeds")
+    deployVersion: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+        description="tag of the auto-deployed model; default: the model version",
+    )
 
     @field_validator("targetModules")
     @classmethod
@@ -46,6 +52,29 @@ class TrainAccepted(BaseModel):
     status: Literal["queued"] = "queued"
     datasetSize: int
     qualityScore: float
+
+
+class DeployBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modelPath: str = Field(
+        ...,
+        max_length=1024,
+        description="a trained model inside your models dir, e.g. ./models/<companyId>/<version>",
+    )
+    version: str = Field(..., max_length=200, description="tag of the deployed model, e.g. 1.0")
+    outtype: Literal["f16", "q8_0"] | None = Field(None, description="GGUF weight type")
+    quantize: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]{1,16}$", description="Ollama quantization, e.g. q4_K_M"
+    )
+
+
+class DeployAccepted(BaseModel):
+    success: bool = True
+    message: str
+    jobId: str
+    status: Literal["queued"] = "queued"
+    modelName: str
 
 
 class Job(BaseModel):

@@ -23,7 +23,17 @@ class TrainingFailedError(TenantTuneError):
     """The training script failed in a way a retry will not fix."""
 
 
+class InvalidModelError(TenantTuneError):
+    """The model to deploy is missing, corrupt, or not in a loadable safe format."""
+
+
+class VerificationFailedError(TenantTuneError):
+    """The deployed model did not answer the verification prompt."""
+
+
 NON_RETRYABLE_ERRORS = [
+    InvalidModelError.__name__,
+    VerificationFailedError.__name__,
     InvalidDatasetError.__name__,
     InvalidHyperparametersError.__name__,
     BaseModelError.__name__,

@@ -24,6 +24,19 @@ class JobState(StrEnum):
     PAUSED = "paused"
 
 
+# Ollama's tag rule: a letter, digit or underscore, then up to 127 of those, '.' or '-'.
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def valid_tag(version: str) -> bool:
+    return bool(TAG_RE.match(version))
+
+
+def model_name(base_short_name: str, company_id: str, version: str) -> str:
+    """The served model's name: `mistral-7b-company-tenant-123:1.0`."""
+    return f"{base_short_name}-company-{company_id}:{version}"
+
+
 def valid_company_id(company_id: str) -> bool:
     return bool(COMPANY_ID_RE.match(company_id))
 

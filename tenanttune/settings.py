@@ -36,8 +36,16 @@ class Settings(BaseSettings):
     redis_prefix: str = "bull"
     redis_timeout_s: float = 1.0
 
-    # Ollama (deployment target)
+    # Deployment: `local` = GGUF + Modelfile in the registry dir, served by llama.cpp;
+    # `ollama` = uploaded to the Ollama server at OLLAMA_HOST.
+    deploy_target: Literal["local", "ollama"] = "local"
     ollama_host: str = "http://127.0.0.1:11434"
+    gguf_outtype: Literal["f16", "q8_0"] = "f16"
+    ollama_quantize: str = ""
+    deploy_max_attempts: int = 5
+    deploy_retry_initial_s: float = 2.0
+    convert_timeout_s: int = 3600
+    verify_max_tokens: int = 32
 
     # Files
     state_dir: Path = Path(".tenanttune")
@@ -75,6 +83,10 @@ class Settings(BaseSettings):
     @property
     def tiny_base_dir(self) -> Path:
         return self.state_dir / "base" / "tiny-mistral"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.models_dir / "registry"
 
     @property
     def runs_dir(self) -> Path:

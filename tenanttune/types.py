@@ -35,6 +35,9 @@ class TrainRequest:
     train_timeout_s: int = 6 * 3600
     heartbeat_timeout_s: int = 60
     save_steps: int = 10
+    auto_deploy: bool = False
+    deploy_version: str = ""
+    deploy_target: str = "local"
 
 
 @dataclass
@@ -92,6 +95,8 @@ class TrainResult:
     metrics: dict[str, Any]
     dataset_size: int
     quality_score: float
+    base_short_name: str = ""
+    deployment: dict[str, Any] | None = None
 
 
 @dataclass
@@ -117,3 +122,87 @@ class StatusUpdate:
     stage: str = ""
     company_id: str = ""
     name: str = ""
+
+
+@dataclass
+class DeployRequest:
+    job_id: str
+    company_id: str
+    model_path: str
+    version: str
+    model_name: str
+    target: str = "local"
+    outtype: str = "f16"
+    quantize: str = ""
+    source_job: str = ""
+    max_attempts: int = 5
+    retry_initial_s: float = 2.0
+
+
+@dataclass
+class ConvertRequest:
+    job_id: str
+    company_id: str
+    model_path: str
+    outtype: str = "f16"
+
+
+@dataclass
+class ConvertResult:
+    gguf_path: str
+    sha256: str
+    size: int
+    architecture: str
+    tensor_count: int
+    vocab_size: int
+    converted: bool
+    base_model: str = ""
+
+
+@dataclass
+class PublishRequest:
+    job_id: str
+    company_id: str
+    model_name: str
+    target: str
+    gguf: ConvertResult
+    source_model_path: str
+    source_job: str = ""
+    quantize: str = ""
+
+
+@dataclass
+class PublishResult:
+    model_name: str
+    target: str
+    location: str
+    digest: str
+    created: bool
+    replaced_previous: bool = False
+
+
+@dataclass
+class VerifyRequest:
+    job_id: str
+    company_id: str
+    published: PublishResult
+    max_tokens: int = 32
+
+
+@dataclass
+class VerifyResult:
+    prompt: str
+    text: str
+    tokens: int
+    latency_s: float
+    tokens_per_s: float
+
+
+@dataclass
+class DeployResult:
+    model_name: str
+    target: str
+    location: str
+    digest: str
+    gguf_path: str
+    verification: VerifyResult

@@ -151,8 +151,8 @@ def short_name(base_model: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(  # noqa: T201
+    print(
         build_tiny_base(
             Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".tenanttune/base/tiny-mistral")
         )
-    )  # noqa: T201
+    )

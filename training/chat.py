@@ -34,3 +34,27 @@ def segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
 def prompt_text(messages: Sequence[Message]) -> str:
     """The text the model sees before it answers the last user turn."""
     return "".join(text for text, _ in segments(messages))
+
+
+# Ollama's Go template for the same format; BOS comes from the GGUF's add_bos_token.
+OLLAMA_TEMPLATE = (
+    "{{- if .System }}[INST] {{ .System }}\n\n{{ .Prompt }} [/INST]"
+    "{{- else }}[INST] {{ .Prompt }} [/INST]{{- end }} {{ .Response }}"
+)
+STOP = [INST_OPEN, INST_CLOSE, "</s>"]
+
+
+def modelfile(from_: str, system: str = "") -> str:
+    """A Modelfile that `ollama create -f Modelfile` accepts as it is."""
+    lines = [f"FROM {from_}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in STOP]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def verification_prompt(messages: Sequence[Message]) -> tuple[str, str]:
+    """(system, user) for asking the model the conversation's last question."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return system, users[-1] if users else ""

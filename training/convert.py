@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = convert_model(args.model, args.outfile, args.outtype, args.base_model)
     except ConversionError as exc:
-        print(json.dumps({"event": "error", "message": str(exc)}), flush=True)  # noqa: T201
+        print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
         return 3
-    print(json.dumps({"event": "done", **asdict(info)}), flush=True)  # noqa: T201
+    print(json.dumps({"event": "done", **asdict(info)}), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -12,16 +13,21 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     CancelledError,
+    ChildWorkflowError,
     is_cancelled_exception,
 )
 
+from workflows.common import mirror_status, root_message
+from workflows.deployment import DeploymentWorkflow
+
 with workflow.unsafe.imports_passed_through():
-    from activities.status import StatusActivities
     from activities.training import TrainingActivities
     from tenanttune.errors import NON_RETRYABLE_ERRORS
-    from tenanttune.jobs import JobState
-    from tenanttune.settings import TRAINING_QUEUE
+    from tenanttune.jobs import JobState, model_name
+    from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE
+    from tenanttune.temporal import job_search_attributes
     from tenanttune.types import (
+        DeployRequest,
         ExportRequest,
         JobProgress,
         RegisterModelRequest,
@@ -43,7 +49,6 @@ SHORT_RETRY = RetryPolicy(
     maximum_attempts=3,
     non_retryable_error_types=NON_RETRYABLE_ERRORS,
 )
-STATUS_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 
 
 @workflow.defn
@@ -63,7 +68,7 @@ class TrainingWorkflow:
             if cancelled:
                 reason = f"cancelled during {self._stage}"
             else:
-                reason = f"{self._stage} failed: {_root_message(err)}"
+                reason = f"{self._stage} failed: {root_message(err)}"
             self._stage = "failed"
             await self._status(req, JobState.FAILED, failed_reason=reason)
             if cancelled:
@@ -98,7 +103,7 @@ class TrainingWorkflow:
             retry_policy=TRAIN_RETRY,
         )
         self._stage, self._progress = "registering", 95.0
-        return await workflow.execute_activity_method(
+        result = await workflow.execute_activity_method(
             TrainingActivities.register_model,
             RegisterModelRequest(
                 job_id=req.job_id,
@@ -114,36 +119,52 @@ class TrainingWorkflow:
             retry_policy=SHORT_RETRY,
         )
 
+        if req.auto_deploy:
+            self._stage = "deploying"
+            result.deployment = await self._deploy(req, result)
+        return result
+
+    async def _deploy(self, req: TrainRequest, trained: TrainResult) -> dict[str, Any]:
+        """Deploy the new model as a child job; its failure is reported, not fatal here."""
+        version = req.deploy_version or trained.version
+        job_id = f"deploy-{req.company_id}-{workflow.uuid4().hex[:16]}"
+        name = model_name(trained.base_short_name, req.company_id, version)
+        info: dict[str, Any] = {"jobId": job_id, "modelName": name}
+        try:
+            deployed = await workflow.execute_child_workflow(
+                DeploymentWorkflow.run,
+                DeployRequest(
+                    job_id=job_id,
+                    company_id=req.company_id,
+                    model_path=trained.model_path,
+                    version=version,
+                    model_name=name,
+                    target=req.deploy_target,
+                    source_job=req.job_id,
+                ),
+                id=job_id,
+                task_queue=DEPLOYMENT_QUEUE,
+                search_attributes=job_search_attributes(req.company_id, "deployment"),
+            )
+        except ChildWorkflowError as err:
+            return {**info, "state": "failed", "failedReason": root_message(err)}
+        return {**info, "state": "completed", "result": asdict(deployed)}
+
     @workflow.query
     def progress(self) -> JobProgress:
         """Stage and coarse progress; step-level progress is in the training heartbeat."""
         return JobProgress(stage=self._stage, progress=self._progress)
 
     async def _status(self, req: TrainRequest, state: JobState, **fields: object) -> None:
-        """Mirror a transition into Redis. Best effort: its failure never fails the job."""
-        update = StatusUpdate(
-            job_id=req.job_id,
-            queue=TRAINING_QUEUE,
-            company_id=req.company_id,
-            name="train",
-            state=state.value,
-            stage=self._stage,
-            attempts_made=workflow.info().attempt,
-            **fields,  # type: ignore[arg-type]
-        )
-        try:
-            await workflow.execute_activity_method(
-                StatusActivities.record_status,
-                update,
-                start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=STATUS_RETRY,
+        await mirror_status(
+            StatusUpdate(
+                job_id=req.job_id,
+                queue=TRAINING_QUEUE,
+                company_id=req.company_id,
+                name="train",
+                state=state.value,
+                stage=self._stage,
+                attempts_made=workflow.info().attempt,
+                **fields,  # type: ignore[arg-type]
             )
-        except ActivityError:
-            workflow.logger.warning("status %s of %s not mirrored", state, req.job_id)
-
-
-def _root_message(err: BaseException) -> str:
-    """The innermost failure's message: what actually went wrong."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return getattr(err, "message", None) or str(err)
+        )

@@ -1,0 +1,107 @@
+"""Subprocesses for heavy work (torch, llama.cpp), so the worker's event loop stays responsive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_BAD_INPUT = 3  # the scripts' status for input that no retry will fix
+PR_SET_PDEATHSIG = 1
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the worker dies, so no orphan keeps running."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ScriptRun:
+    """Run `python -m <module> ...` that prints JSON lines; heartbeat while it runs.
+
+    Each JSON line goes to `on_event`; other lines are logged. Cancelling the activity
+    terminates the subprocess's process group.
+    """
+
+    def __init__(self, on_event: EventHandler | None = None) -> None:
+        self.on_event = on_event
+        self.details: dict[str, Any] = {}
+        self.stderr: deque[str] = deque(maxlen=40)
+        self.last_event: dict[str, Any] = {}
+        self.returncode: int | None = None
+
+    async def run(self, module: str, *args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        beats = asyncio.create_task(self._heartbeat_forever())
+        drain = asyncio.create_task(self._drain(proc.stderr))
+        try:
+            async for raw in proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    activity.logger.info("%s: %s", module, line)
+                    continue
+                if isinstance(event, dict):
+                    self.last_event = event
+                    if self.on_event is not None:
+                        await self.on_event(event)
+            self.returncode = await proc.wait()
+            await drain
+        except asyncio.CancelledError:
+            await terminate(proc)
+            raise
+        finally:
+            beats.cancel()
+            drain.cancel()
+        return self.returncode
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        return "\n".join(self.stderr)[-chars:]
+
+    async def _heartbeat_forever(self) -> None:
+        # Loading a model prints nothing for a while; keep the activity alive meanwhile.
+        while True:
+            activity.heartbeat(dict(self.details))
+            await asyncio.sleep(5)
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            self.stderr.append(raw.decode(errors="replace").rstrip())
+
+
+async def terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the subprocess's group, then SIGKILL after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+            return
+        except TimeoutError:
+            continue

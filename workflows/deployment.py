@@ -1,0 +1,160 @@
+"""DeploymentWorkflow: convert to GGUF if needed, publish, verify; roll back a failed publish."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    is_cancelled_exception,
+)
+
+from workflows.common import mirror_status, root_message
+
+with workflow.unsafe.imports_passed_through():
+    from activities.deployment import DeploymentActivities
+    from tenanttune.errors import NON_RETRYABLE_ERRORS
+    from tenanttune.jobs import JobState
+    from tenanttune.settings import DEPLOYMENT_QUEUE
+    from tenanttune.types import (
+        ConvertRequest,
+        DeployRequest,
+        DeployResult,
+        JobProgress,
+        PublishRequest,
+        PublishResult,
+        StatusUpdate,
+        VerifyRequest,
+    )
+
+CONVERT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_attempts=2,
+    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+)
+VERIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_attempts=2,
+    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+)
+ROLLBACK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+
+
+@workflow.defn
+class DeploymentWorkflow:
+    def __init__(self) -> None:
+        self._stage = "waiting"
+        self._progress = 0.0
+
+    @workflow.run
+    async def run(self, req: DeployRequest) -> DeployResult:
+        self._stage = "converting"
+        await self._status(req, JobState.ACTIVE)
+        published: PublishResult | None = None
+        try:
+            gguf = await workflow.execute_activity_method(
+                DeploymentActivities.convert_to_gguf,
+                ConvertRequest(
+                    job_id=req.job_id,
+                    company_id=req.company_id,
+                    model_path=req.model_path,
+                    outtype=req.outtype,
+                ),
+                start_to_close_timeout=timedelta(hours=2),
+                heartbeat_timeout=timedelta(minutes=2),
+                retry_policy=CONVERT_RETRY,
+            )
+            self._stage, self._progress = "deploying", 40.0
+            published = await workflow.execute_activity_method(
+                DeploymentActivities.deploy_model,
+                PublishRequest(
+                    job_id=req.job_id,
+                    company_id=req.company_id,
+                    model_name=req.model_name,
+                    target=req.target,
+                    gguf=gguf,
+                    source_model_path=req.model_path,
+                    source_job=req.source_job,
+                    quantize=req.quantize,
+                ),
+                start_to_close_timeout=timedelta(minutes=30),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=req.retry_initial_s),
+                    backoff_coefficient=2.0,
+                    maximum_attempts=req.max_attempts,
+                    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+                ),
+            )
+            self._stage, self._progress = "verifying", 70.0
+            verification = await workflow.execute_activity_method(
+                DeploymentActivities.verify_deployment,
+                VerifyRequest(job_id=req.job_id, company_id=req.company_id, published=published),
+                start_to_close_timeout=timedelta(minutes=15),
+                heartbeat_timeout=timedelta(minutes=2),
+                retry_policy=VERIFY_RETRY,
+            )
+            await workflow.execute_activity_method(
+                DeploymentActivities.finish_publish,
+                published,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=ROLLBACK_RETRY,
+            )
+        except (ActivityError, ApplicationError, asyncio.CancelledError, CancelledError) as err:
+            cancelled = is_cancelled_exception(err)
+            reason = (
+                f"cancelled during {self._stage}"
+                if cancelled
+                else f"{self._stage} failed: {root_message(err)}"
+            )
+            if published is not None and published.created:
+                # Never leave a model that did not pass verification under the name.
+                await workflow.execute_activity_method(
+                    DeploymentActivities.unpublish_model,
+                    published,
+                    start_to_close_timeout=timedelta(minutes=5),
+                    retry_policy=ROLLBACK_RETRY,
+                )
+                reason += f"; {published.model_name} was removed"
+                if published.replaced_previous and published.target == "local":
+                    reason += " and the previous version restored"
+            self._stage = "failed"
+            await self._status(req, JobState.FAILED, failed_reason=reason)
+            if cancelled:
+                raise
+            raise ApplicationError(reason, non_retryable=True) from err
+        result = DeployResult(
+            model_name=published.model_name,
+            target=published.target,
+            location=published.location,
+            digest=published.digest,
+            gguf_path=gguf.gguf_path,
+            verification=verification,
+        )
+        self._stage, self._progress = "completed", 100.0
+        await self._status(req, JobState.COMPLETED, result=asdict(result), progress=100.0)
+        return result
+
+    @workflow.query
+    def progress(self) -> JobProgress:
+        return JobProgress(stage=self._stage, progress=self._progress)
+
+    async def _status(self, req: DeployRequest, state: JobState, **fields: object) -> None:
+        await mirror_status(
+            StatusUpdate(
+                job_id=req.job_id,
+                queue=DEPLOYMENT_QUEUE,
+                company_id=req.company_id,
+                name="deploy",
+                state=state.value,
+                stage=self._stage,
+                attempts_made=workflow.info().attempt,
+                **fields,  # type: ignore[arg-type]
+            )
+        )
