@@ -195,7 +195,14 @@ class DeploymentActivities:
             if head.status_code != 200:
                 await client.create_blob(req.gguf.gguf_path)
             current = await _ollama_blob_of(client, req.model_name)
-            if current == req.gguf.sha256:
+            marker = _marker(Path(req.gguf.gguf_path), self.settings.ollama_host, req.model_name)
+            published_before = marker.exists() and json.loads(marker.read_text()) == {
+                "digest": digest,
+                "quantize": req.quantize,
+            }
+            # Older Ollama names our blob in FROM; newer ones rewrite the GGUF on create, so the
+            # marker written after our own create is what recognises finished work there.
+            if current is not None and (current == req.gguf.sha256 or published_before):
                 return PublishResult(
                     req.model_name, "ollama", self.settings.ollama_host, digest, False
                 )
@@ -207,6 +214,7 @@ class DeploymentActivities:
                 quantize=req.quantize or None,
                 stream=False,
             )
+            marker.write_text(json.dumps({"digest": digest, "quantize": req.quantize}))
         except (httpx.ConnectError, httpx.TimeoutException, ConnectionError) as exc:
             raise ApplicationError(
                 f"Ollama at {self.settings.ollama_host} is unreachable: {exc}"
@@ -348,6 +356,12 @@ class DeploymentActivities:
         if published.target == "local":
             target = Path(published.location)
             shutil.rmtree(target.with_name(f".{target.name}.previous"), ignore_errors=True)
+
+
+def _marker(gguf: Path, host: str, model_name: str) -> Path:
+    """Beside the GGUF: proof that this file was published as `model_name` on `host`."""
+    key = hashlib.sha256(f"{host}|{model_name}".encode()).hexdigest()[:16]
+    return gguf.with_name(f".{gguf.name}.ollama-{key}.json")
 
 
 async def _ollama_blob_of(client: ollama.AsyncClient, name: str) -> str | None:

@@ -60,5 +60,5 @@ class StatusActivities:
             fields["stage"] = stage
         try:
             await self.mirror.set_fields(queue, job_id, fields)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - progress is cosmetic; never fail the job
             log.debug("mirror unavailable, progress of %s not recorded: %s", job_id, exc)

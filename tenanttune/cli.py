@@ -92,8 +92,10 @@ def demo(
     epochs: Annotated[int, typer.Option(help="training epochs")] = 2,
     learning_rate: Annotated[float, typer.Option(help="learning rate")] = 2e-3,
     keep_running: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = False,
+    deploy: Annotated[bool, typer.Option(help="deploy the trained model and ask it")] = True,
+    version: Annotated[str, typer.Option(help="tag of the deployed model")] = "demo",
 ) -> None:
-    """Upload the sample data, train a model through the API, show progress and the result."""
+    """Upload sample data, train through the API with live progress, deploy, ask the model."""
     from tenanttune import stack
 
     settings = get_settings()
@@ -128,22 +130,45 @@ def demo(
                 f"examples, quality score {queued['qualityScore']}"
             )
             job = _follow(http, queued["jobId"])
-        if job["state"] != "completed":
-            console.print(f"[red]job failed:[/red] {job.get('failedReason')}")
-            raise typer.Exit(1)
-        result = job["result"]
-        metrics = result["metrics"]
-        console.print(f"[green]completed[/green] model: [bold]{result['model_path']}[/bold]")
+            _fail_unless_completed(job)
+            result = job["result"]
+            metrics = result["metrics"]
+            console.print(f"[green]trained[/green] model: [bold]{result['model_path']}[/bold]")
+            console.print(
+                f"  train loss {metrics['train_loss']:.3f}   eval loss "
+                f"{metrics['first_eval_loss']:.3f} → {metrics['eval_loss']:.3f}   "
+                f"{metrics['tokens_per_s']:.0f} tokens/s   {metrics['steps']} steps"
+            )
+            if not deploy:
+                console.print(json.dumps(result, indent=2))
+                return
+            body = {"modelPath": result["model_path"], "version": version}
+            queued = _check(http.post(f"/api/ai/models/{company}/deploy", json=body))
+            console.print(f"queued [bold]{queued['jobId']}[/bold] → {queued['modelName']}")
+            job = _follow(http, queued["jobId"])
+            _fail_unless_completed(job)
+        deployed = job["result"]
+        check = deployed["verification"]
         console.print(
-            f"  train loss {metrics['train_loss']:.3f}   eval loss "
-            f"{metrics['first_eval_loss']:.3f} → {metrics['eval_loss']:.3f}   "
-            f"{metrics['tokens_per_s']:.0f} tokens/s   {metrics['steps']} steps"
+            f"[green]deployed[/green] [bold]{deployed['model_name']}[/bold] "
+            f"({deployed['target']}: {deployed['location']})"
         )
-        console.print(json.dumps(result, indent=2))
+        console.print(f"  asked:  {check['prompt']}")
+        console.print(f"  answer: {check['text'].strip()}")
+        console.print(
+            f"  {check['tokens']} tokens in {check['latency_s']:.2f} s "
+            f"({check['tokens_per_s']:.0f} tokens/s, llama.cpp)"
+        )
     finally:
         if started and not keep_running:
             console.print("stopping the stack ...")
             stack.stop(settings)
+
+
+def _fail_unless_completed(job: dict[str, Any]) -> None:
+    if job["state"] != "completed":
+        console.print(f"[red]job {job['jobId']} failed:[/red] {job.get('failedReason')}")
+        raise typer.Exit(1)
 
 
 def _api_up(base: str) -> bool:

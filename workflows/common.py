@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.status import StatusActivities
@@ -29,7 +29,11 @@ async def mirror_status(update: StatusUpdate) -> None:
 
 
 def root_message(err: BaseException) -> str:
-    """The innermost failure's message: what actually went wrong."""
-    while err.__cause__ is not None:
+    """The message of the failure an activity or child workflow raised itself.
+
+    Temporal wraps it (ActivityError, ChildWorkflowError); what it wraps in turn (e.g. a
+    connection error) is usually less helpful than the activity's own sentence.
+    """
+    while isinstance(err, ActivityError | ChildWorkflowError) and err.__cause__ is not None:
         err = err.__cause__
     return getattr(err, "message", None) or str(err)

@@ -86,11 +86,17 @@ def test_detached_stack_runs_the_demo_and_stops_cleanly(
         assert "✓" in line, status
 
     out = run_cli(["demo", "--company", "globex", "--epochs", "1"], stack_env, tmp_path, 600)
-    assert "completed model:" in out
+    assert "trained model:" in out
     model_dir = Path(stack_env["MODELS_DIR"]) / "globex"
     (version,) = [p for p in model_dir.iterdir() if p.is_dir()]
     assert (version / "adapter_model.safetensors").exists()
     assert (version / "manifest.json").exists()
+    # ... then deployed to the local registry and asked a question from the validation split.
+    assert "deployed tiny-mistral-company-globex:demo" in out
+    answer = next(line for line in out.splitlines() if "answer:" in line)
+    assert answer.split("answer:", 1)[1].strip()
+    registry = Path(stack_env["MODELS_DIR"]) / "registry" / "tiny-mistral-company-globex" / "demo"
+    assert (registry / "model.gguf").exists() and (registry / "Modelfile").exists()
 
     # The demo did not start the stack, so it leaves it running; the API still answers.
     api = f"http://127.0.0.1:{stack_env['API_PORT']}"

@@ -11,43 +11,13 @@ import httpx
 import pytest
 
 from tenanttune.settings import Settings
-from tests.conftest import seed_tenant, token
-from tests.integration.test_training_job import FAST, follow
+from tests.conftest import token
+from tests.integration.jobs import FAST, TENANT, deploy, follow
 from tests.models import mute_model
 from training.convert import inspect
 from training.infer import generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
-TENANT = "deployer"
-
-
-@pytest.fixture(scope="module")
-async def trained(api: httpx.AsyncClient, settings: Settings, worker: None) -> dict[str, Any]:
-    """One finished training job of the tenant, shared by the tests here."""
-    seed_tenant(settings, TENANT, lines=120)
-    headers = token(settings, TENANT)
-    r = await api.post(
-        f"/api/ai/models/{TENANT}/train", json={**FAST, "epochs": 1}, headers=headers
-    )
-    job = (await follow(api, r.json()["jobId"], headers))[-1]
-    assert job["state"] == "completed", job
-    return job["result"]  # type: ignore[no-any-return]
-
-
-async def deploy(
-    api: httpx.AsyncClient, settings: Settings, model_path: str, version: str
-) -> dict[str, Any]:
-    headers = token(settings, TENANT)
-    r = await api.post(
-        f"/api/ai/models/{TENANT}/deploy",
-        json={"modelPath": model_path, "version": version},
-        headers=headers,
-    )
-    assert r.status_code == 202, r.text
-    accepted = r.json()
-    assert set(accepted) == {"success", "message", "jobId", "status", "modelName"}
-    seen = await follow(api, accepted["jobId"], headers, timeout_s=300)
-    return {"accepted": accepted, "final": seen[-1], "seen": seen}
 
 
 async def test_local_deployment_end_to_end(

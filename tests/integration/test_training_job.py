@@ -20,36 +20,10 @@ from tenanttune.settings import Settings
 from tenanttune.temporal import COMPANY_ID, JOB_KIND, job_search_attributes
 from tenanttune.types import TrainRequest
 from tests.conftest import seed_tenant, token, training_processes
+from tests.integration.jobs import FAST, follow
 from workflows.training import TrainingWorkflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
-
-# Fast settings for a tiny model that still learns: high LR, all projections.
-FAST = {
-    "epochs": 2,
-    "batchSize": 8,
-    "learningRate": 0.003,
-    "loraRank": 16,
-    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
-async def follow(
-    api: httpx.AsyncClient, job_id: str, headers: dict[str, str], timeout_s: float = 240
-) -> list[dict[str, Any]]:
-    """Poll a job until it finishes; return every distinct observation."""
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = await api.get(f"/api/ai/jobs/{job_id}", headers=headers)
-        assert r.status_code == 200, r.text
-        job = r.json()
-        if not seen or (job["state"], job["progress"]) != (seen[-1]["state"], seen[-1]["progress"]):
-            seen.append(job)
-        if job["state"] in ("completed", "failed"):
-            return seen
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish in {timeout_s}s; last: {seen[-1:]}")
 
 
 async def test_training_job_end_to_end(
