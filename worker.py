@@ -12,12 +12,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.deployment import DeploymentActivities
+from activities.queue import QueueActivities
 from activities.status import StatusActivities
 from activities.training import TrainingActivities
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, QUEUES, TRAINING_QUEUE, Settings, get_settings
 from tenanttune.temporal import connect
 from workflows.deployment import DeploymentWorkflow
+from workflows.queue_control import QueueControlWorkflow
 from workflows.training import TrainingWorkflow
 
 log = logging.getLogger("tenanttune.worker")
@@ -30,15 +32,17 @@ def build_workers(
     status = StatusActivities(mirror)
     training = TrainingActivities(settings, status)
     deployment = DeploymentActivities(settings, status)
+    gate = QueueActivities(client)
     workers = []
     if TRAINING_QUEUE in queues:
         workers.append(
             Worker(
                 client,
                 task_queue=TRAINING_QUEUE,
-                workflows=[TrainingWorkflow],
+                workflows=[TrainingWorkflow, QueueControlWorkflow],
                 activities=[
                     status.record_status,
+                    gate.queue_paused,
                     training.export_training_data,
                     training.train_model,
                     training.register_model,
@@ -51,9 +55,10 @@ def build_workers(
             Worker(
                 client,
                 task_queue=DEPLOYMENT_QUEUE,
-                workflows=[DeploymentWorkflow],
+                workflows=[DeploymentWorkflow, QueueControlWorkflow],
                 activities=[
                     status.record_status,
+                    gate.queue_paused,
                     deployment.convert_to_gguf,
                     deployment.deploy_model,
                     deployment.verify_deployment,

@@ -42,7 +42,14 @@ class StatusActivities:
         if update.failed_reason is not None:
             fields["failedReason"] = update.failed_reason
         try:
-            return await self.mirror.move(update.queue, update.job_id, state, fields)
+            return await self.mirror.move(
+                update.queue,
+                update.job_id,
+                state,
+                fields,
+                company_id=update.company_id,
+                keep=update.keep,
+            )
         except (RedisError, OSError) as exc:
             log.warning("mirror unavailable, %s not recorded as %s: %s", update.job_id, state, exc)
             return False

@@ -10,10 +10,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api.deps import TemporalConnector
-from api.routes import datasets, health, jobs, models
+from api.deps import TemporalConnector, TemporalUnavailable
+from api.routes import datasets, health, jobs, models, queues
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import DEV_JWT_SECRET, Settings, get_settings
+from tenanttune.queues import Queue
+from tenanttune.settings import DEV_JWT_SECRET, QUEUES, Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,6 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mirror = JobMirror.from_url(
             settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
         )
+        app.state.queues = {
+            name: Queue(name, app.state.mirror, app.state.temporal.get) for name in QUEUES
+        }
         yield
         await app.state.mirror.close()
 
@@ -47,7 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
         )
 
-    for router in (health.router, models.router, jobs.router, datasets.router):
+    @app.exception_handler(TemporalUnavailable)
+    async def _temporal_down(_: Request, exc: TemporalUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+    for router in (health.router, models.router, jobs.router, queues.router, datasets.router):
         app.include_router(router)
     return app
 

@@ -10,8 +10,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
 from tenanttune.auth import InvalidToken, Principal, decode_token
-from tenanttune.jobs import valid_company_id
+from tenanttune.jobs import queue_of, valid_company_id
 from tenanttune.mirror import JobMirror
+from tenanttune.queues import Queue
 from tenanttune.settings import Settings
 from tenanttune.temporal import connect
 
@@ -80,6 +81,16 @@ def get_principal(
         return decode_token(request.app.state.settings, credentials.credentials)
     except InvalidToken as exc:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers=challenge) from exc
+
+
+def get_queues(request: Request) -> dict[str, Queue]:
+    queues: dict[str, Queue] = request.app.state.queues
+    return queues
+
+
+def get_queue_for_job(request: Request, job_id: str) -> Queue | None:
+    queue = queue_of(job_id)
+    return get_queues(request).get(queue) if queue else None
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

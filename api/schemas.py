@@ -6,12 +6,63 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tenanttune.types import JobOptions
+
 LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-class TrainBody(BaseModel):
+TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+DAY_MS = 24 * 3600 * 1000
+
+
+class Backoff(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    type: Literal["fixed", "exponential"] = "exponential"
+    delay: int = Field(5000, ge=0, le=3600 * 1000, description="ms before the first retry")
+
+
+class JobOptionsBody(BaseModel):
+    """Bull's job options, accepted on every job-creating request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int | None = Field(None, ge=1, le=20, description="tries of the main step")
+    backoff: Backoff | None = Field(None, description="wait between tries")
+    delay: int = Field(0, ge=0, le=30 * DAY_MS, description="ms before the job may start")
+    priority: int | None = Field(None, ge=1, le=5, description="1 is the highest")
+    jobId: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+        description="your id for the job: the same jobId returns the same job",
+    )
+    removeOnComplete: bool | int | None = Field(
+        None, description="true: forget at once; N: keep the newest N completed"
+    )
+    removeOnFail: bool | int | None = Field(None, description="like removeOnComplete")
+
+    def job_options(self, default_attempts: int, default_backoff_ms: int) -> JobOptions:
+        backoff = self.backoff or Backoff(delay=default_backoff_ms)
+        return JobOptions(
+            attempts=self.attempts or default_attempts,
+            backoff_type=backoff.type,
+            backoff_delay_ms=backoff.delay,
+            delay_ms=self.delay,
+            priority=self.priority or 0,
+            remove_on_complete=_retention(self.removeOnComplete),
+            remove_on_fail=_retention(self.removeOnFail),
+        )
+
+
+def _retention(value: bool | int | None) -> int:
+    if value is True:
+        return 0
+    if value is None or value is False:
+        return -1
+    return max(int(value), 0)
+
+
+class TrainBody(JobOptionsBody):
     epochs: int = Field(3, ge=1, le=50, description="passes over the training data")
     batchSize: int = Field(4, ge=1, le=256, description="examples per micro-batch")
     learningRate: float = Field(2e-4, gt=0, le=0.01, description="peak learning rate")
@@ -54,9 +105,7 @@ class TrainAccepted(BaseModel):
     qualityScore: float
 
 
-class DeployBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeployBody(JobOptionsBody):
     modelPath: str = Field(
         ...,
         max_length=1024,
@@ -77,6 +126,15 @@ class DeployAccepted(BaseModel):
     modelName: str
 
 
+class TrainFallback(BaseModel):
+    """The answer when the job queue (Temporal) is down: the data is ready, train by hand."""
+
+    success: bool = True
+    message: str
+    instructions: dict[str, str]
+    note: str
+
+
 class Job(BaseModel):
     jobId: str
     queue: str
@@ -91,6 +149,10 @@ class Job(BaseModel):
     processedOn: int | None = None
     finishedOn: int | None = None
     source: Literal["redis", "temporal"]
+    name: str = ""
+    data: Any = None
+    opts: Any = None
+    detail: dict[str, Any] | None = None
 
 
 class LineErrorOut(BaseModel):
@@ -118,3 +180,32 @@ class DatasetUploaded(BaseModel):
     report: DatasetReportOut
     tenantDatasetSize: int
     tenantQualityScore: float
+
+
+class JobAction(BaseModel):
+    success: bool = True
+    message: str
+    jobId: str
+    status: str
+
+
+class QueueAction(BaseModel):
+    success: bool = True
+    queue: str
+    paused: bool
+    message: str
+
+
+class CleanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace: int = Field(0, ge=0, description="only jobs finished more than this many ms ago")
+    limit: int = Field(100, ge=0, le=1_000_000, description="always keep the newest `limit`")
+    state: Literal["completed", "failed"] = "completed"
+
+
+class Cleaned(BaseModel):
+    success: bool = True
+    queue: str
+    state: str
+    removed: list[str]

@@ -226,5 +226,206 @@ def _describe(job: dict[str, Any]) -> str:
     return f"{job['state']} ({stage})" if job["state"] == "active" and stage else job["state"]
 
 
+# --- Bull-style jobs and queues (talk to Temporal and Redis directly) ------------------------
+
+jobs_app = typer.Typer(
+    help="Inspect and control jobs (Bull's getJob, retry, ...).", no_args_is_help=True
+)
+queue_app = typer.Typer(
+    help="Queue counts and control (Bull's pause, resume, clean).", no_args_is_help=True
+)
+cache_app = typer.Typer(help="The Redis mirror of job state.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(queue_app, name="queue")
+app.add_typer(cache_app, name="cache")
+QueueName = Annotated[str, typer.Argument(help="model-training or model-deployment")]
+
+
+def _queue_for(job_id: str) -> Any:
+    from tenanttune.jobs import queue_of
+    from tenanttune.queues import get_deployment_queue, get_training_queue
+    from tenanttune.settings import TRAINING_QUEUE
+
+    queue = queue_of(job_id)
+    if queue is None:
+        console.print(f"[red]'{job_id}' is not a job id (train-… or deploy-…)[/red]")
+        raise typer.Exit(2)
+    return get_training_queue() if queue == TRAINING_QUEUE else get_deployment_queue()
+
+
+def _named_queue(name: str) -> Any:
+    from tenanttune.queues import get_deployment_queue, get_training_queue
+    from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE
+
+    if name == TRAINING_QUEUE:
+        return get_training_queue()
+    if name == DEPLOYMENT_QUEUE:
+        return get_deployment_queue()
+    console.print(f"[red]no queue '{name}': use {TRAINING_QUEUE} or {DEPLOYMENT_QUEUE}[/red]")
+    raise typer.Exit(2)
+
+
+def _run(coro: Any) -> Any:
+    import asyncio
+
+    from tenanttune.queues import JobStateError
+
+    try:
+        return asyncio.run(coro)
+    except JobStateError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+@jobs_app.command("list")
+def jobs_list(
+    company: Annotated[str | None, typer.Option(help="only this tenant's jobs")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="waiting, active, completed, failed, ...")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="newest N")] = 20,
+) -> None:
+    """List jobs of both queues, newest first."""
+    from tenanttune.queues import get_deployment_queue, get_training_queue
+
+    async def collect() -> list[Any]:
+        found = []
+        for queue in (get_training_queue(), get_deployment_queue()):
+            found += await queue.get_jobs(company, state, limit)
+        return sorted(found, key=lambda j: j.timestamp or 0, reverse=True)[:limit]
+
+    for job in _run(collect()):
+        reason = f"  {job.failedReason}" if job.failedReason else ""
+        console.print(
+            f"{job.jobId:<40} {job.companyId:<12} {job.state:<10} "
+            f"{job.progress:5.1f}%  {job.stage}{reason}"
+        )
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str) -> None:
+    """Everything known about one job (JSON)."""
+    from dataclasses import asdict
+
+    info = _run(_queue_for(job_id).job_info(job_id))
+    if info is None:
+        console.print(f"[red]job '{job_id}' not found[/red]")
+        raise typer.Exit(1)
+    print(json.dumps(asdict(info), indent=2, default=str))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str) -> None:
+    """A live progress bar with step, loss and ETA until the job finishes."""
+    import asyncio
+
+    from tenanttune.status_read import job_from_temporal
+
+    queue = _queue_for(job_id)
+
+    async def watch() -> Any:
+        client = await queue.client()
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+        )
+        started = time.monotonic()
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("waiting", total=100, eta="?")
+            while True:
+                info = await job_from_temporal(client, queue.name, job_id)
+                if info is None:
+                    console.print(f"[red]job '{job_id}' not found[/red]")
+                    raise typer.Exit(1)
+                detail = info.detail or {}
+                text = _describe(asdict_job(info))
+                if detail.get("total"):
+                    text += f" step {detail['step']}/{detail['total']} loss {detail.get('loss')}"
+                elapsed = time.monotonic() - started
+                eta = "?"
+                if 0 < info.progress < 100:
+                    eta = f"{elapsed * (100 - info.progress) / info.progress:.0f}s"
+                bar.update(task, completed=info.progress, description=text, eta=eta)
+                if info.state in ("completed", "failed"):
+                    return info
+                await asyncio.sleep(1)
+
+    info = _run(watch())
+    if info.state == "failed":
+        console.print(f"[red]failed:[/red] {info.failedReason}")
+        raise typer.Exit(1)
+    console.print(json.dumps(info.result, indent=2, default=str))
+
+
+def asdict_job(info: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(info)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str) -> None:
+    """Run a failed job again (same job id, attemptsMade grows)."""
+    _run(_queue_for(job_id).retry(job_id))
+    console.print(f"{job_id} queued again")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a waiting or running job."""
+    _run(_queue_for(job_id).cancel(job_id))
+    console.print(f"cancellation of {job_id} requested")
+
+
+@queue_app.command("counts")
+def queue_counts(queue: QueueName) -> None:
+    """Jobs per state."""
+    counts = _run(_named_queue(queue).get_job_counts())
+    for state, n in counts.items():
+        console.print(f"{state:<10} {n}")
+
+
+@queue_app.command("pause")
+def queue_pause(queue: QueueName) -> None:
+    """New jobs stop starting (they show paused); running jobs finish."""
+    _run(_named_queue(queue).pause())
+    console.print(f"{queue} paused")
+
+
+@queue_app.command("resume")
+def queue_resume(queue: QueueName) -> None:
+    """Paused jobs start again, oldest first."""
+    _run(_named_queue(queue).resume())
+    console.print(f"{queue} resumed")
+
+
+@queue_app.command("clean")
+def queue_clean(
+    queue: QueueName,
+    grace: Annotated[int, typer.Option(help="only jobs finished more than this many ms ago")] = 0,
+    limit: Annotated[int, typer.Option(help="keep the newest N")] = 100,
+    state: Annotated[str, typer.Option(help="completed or failed")] = "completed",
+) -> None:
+    """Forget old finished jobs in the mirror (Bull's clean)."""
+    removed = _run(_named_queue(queue).clean(grace, limit, state))
+    console.print(f"removed {len(removed)} {state} jobs from the {queue} mirror")
+
+
+@cache_app.command("rebuild")
+def cache_rebuild() -> None:
+    """Rebuild the Redis mirror from Temporal's visibility (e.g. after a Redis flush)."""
+    from tenanttune.queues import get_training_queue, rebuild_cache
+
+    queue = get_training_queue()
+
+    async def rebuild() -> int:
+        return await rebuild_cache(await queue.client(), queue.mirror)
+
+    console.print(f"restored {_run(rebuild())} jobs into the mirror")
+
+
 if __name__ == "__main__":
     app()

@@ -37,6 +37,11 @@ def model_name(base_short_name: str, company_id: str, version: str) -> str:
     return f"{base_short_name}-company-{company_id}:{version}"
 
 
+def control_workflow_id(queue: str) -> str:
+    """The id of the workflow that holds a queue's paused/resumed switch."""
+    return f"queue-control-{queue}"
+
+
 def valid_company_id(company_id: str) -> bool:
     return bool(COMPANY_ID_RE.match(company_id))
 

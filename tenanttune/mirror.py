@@ -23,8 +23,9 @@ ZSETS = {JobState.DELAYED: "delayed", JobState.COMPLETED: "completed", JobState.
 COLLECTIONS = {**LISTS, **ZSETS}
 _ORDER = list(COLLECTIONS)  # KEYS[2..7] in the scripts follow this order
 
-# KEYS: job hash, then the six collections. ARGV: job id, target index (1-based into the six),
-# score, only_if_new ("1": do nothing when the hash exists), then field/value pairs.
+# KEYS: job hash, the six collections, the tenant's index. ARGV: job id, target index
+# (1-based into the six), score, only_if_new ("1": do nothing when the hash exists), keep
+# (retention of the target ZSET: -1 all, N newest N), the queue's key prefix, field/value pairs.
 _MOVE = """
 local exists = redis.call('EXISTS', KEYS[1])
 if ARGV[4] == '1' and exists == 1 then return 0 end
@@ -35,8 +36,41 @@ end
 local target = tonumber(ARGV[2]) + 1
 if target <= 4 then redis.call('LPUSH', KEYS[target], ARGV[1])
 else redis.call('ZADD', KEYS[target], tonumber(ARGV[3]), ARGV[1]) end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+if exists == 0 then redis.call('ZADD', KEYS[8], tonumber(ARGV[3]), ARGV[1]) end
+local keep = tonumber(ARGV[5])
+if keep == 0 and target > 4 then
+  redis.call('ZREM', KEYS[target], ARGV[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
+elseif keep > 0 and target > 4 then
+  local excess = redis.call('ZRANGE', KEYS[target], 0, -(keep + 1))
+  for _, id in ipairs(excess) do
+    local company = redis.call('HGET', ARGV[6] .. id, 'companyId')
+    redis.call('ZREM', KEYS[target], id)
+    redis.call('DEL', ARGV[6] .. id)
+    if company then redis.call('ZREM', ARGV[6] .. 'company:' .. company, id) end
+  end
+end
 return 1
+"""
+
+# KEYS: one ZSET (completed or failed). ARGV: the queue's key prefix, cutoff score, limit.
+# Removes entries scored before the cutoff, never touching the newest `limit` entries.
+_CLEAN = """
+local candidates = redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[3]) + 1), 'WITHSCORES')
+local removed = {}
+for i = 1, #candidates, 2 do
+  local id, score = candidates[i], tonumber(candidates[i + 1])
+  if score < tonumber(ARGV[2]) then
+    local company = redis.call('HGET', ARGV[1] .. id, 'companyId')
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('DEL', ARGV[1] .. id)
+    if company then redis.call('ZREM', ARGV[1] .. 'company:' .. company, id) end
+    removed[#removed + 1] = id
+  end
+end
+return removed
 """
 
 _UPDATE = """
@@ -77,6 +111,7 @@ class JobMirror:
         self.prefix = prefix
         self._move = redis.register_script(_MOVE)
         self._update = redis.register_script(_UPDATE)
+        self._clean = redis.register_script(_CLEAN)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "bull", timeout_s: float = 1.0) -> JobMirror:
@@ -91,8 +126,9 @@ class JobMirror:
     def key(self, queue: str, suffix: str) -> str:
         return f"{self.prefix}:{queue}:{suffix}"
 
-    def _keys(self, queue: str, job_id: str) -> list[str]:
-        return [self.key(queue, job_id)] + [self.key(queue, COLLECTIONS[s]) for s in _ORDER]
+    def _keys(self, queue: str, job_id: str, company_id: str) -> list[str]:
+        collections = [self.key(queue, COLLECTIONS[s]) for s in _ORDER]
+        return [self.key(queue, job_id), *collections, self.key(queue, f"company:{company_id}")]
 
     async def move(
         self,
@@ -101,16 +137,33 @@ class JobMirror:
         state: JobState,
         fields: dict[str, Any] | None = None,
         *,
+        company_id: str = "",
         only_if_new: bool = False,
+        keep: int = -1,
+        score: int | None = None,
     ) -> bool:
-        """Put the job in `state`'s collection (and no other) and set hash fields atomically."""
+        """Put the job in `state`'s collection (and no other) and set hash fields atomically.
+
+        `keep` (for completed/failed) keeps only that many newest jobs there, like Bull's
+        removeOnComplete / removeOnFail; 0 removes this job at once.
+        """
         flat: list[str] = []
         for k, v in (fields or {}).items():
             if v is None:
                 continue
             flat += [k, v if isinstance(v, str) else json.dumps(v)]
-        args = [job_id, str(_ORDER.index(state) + 1), str(now_ms()), "1" if only_if_new else "0"]
-        return bool(await self._move(keys=self._keys(queue, job_id), args=args + flat))
+        args = [
+            job_id,
+            str(_ORDER.index(state) + 1),
+            str(score if score is not None else now_ms()),
+            "1" if only_if_new else "0",
+            str(keep),
+            self.key(queue, ""),
+        ]
+        keys = self._keys(
+            queue, job_id, company_id or str(fields and fields.get("companyId") or "")
+        )
+        return bool(await self._move(keys=keys, args=args + flat))
 
     async def add(
         self,
@@ -121,20 +174,65 @@ class JobMirror:
         company_id: str,
         data: dict[str, Any],
         opts: dict[str, Any] | None = None,
+        delay_ms: int = 0,
+        priority: int = 0,
     ) -> bool:
-        """Record a new waiting job; a job already mirrored is left as it is."""
+        """Record a new job, waiting (or delayed); a job already mirrored is left as it is."""
+        created = now_ms()
         fields = {
             "name": name,
             "companyId": company_id,
             "data": data,
             "opts": opts or {},
-            "timestamp": now_ms(),
-            "delay": 0,
-            "priority": 0,
+            "timestamp": created,
+            "delay": delay_ms,
+            "priority": priority,
             "progress": 0,
             "attemptsMade": 0,
         }
-        return await self.move(queue, job_id, JobState.WAITING, fields, only_if_new=True)
+        state = JobState.DELAYED if delay_ms > 0 else JobState.WAITING
+        added = await self.move(
+            queue,
+            job_id,
+            state,
+            fields,
+            company_id=company_id,
+            only_if_new=True,
+            score=created + delay_ms,
+        )
+        if added:
+            await self.redis.incr(self.key(queue, "id"))
+        return added
+
+    async def remove(self, queue: str, job_id: str) -> None:
+        """Forget a job entirely (its hash, its collection, the tenant index)."""
+        company = cast(str | None, await self.redis.hget(self.key(queue, job_id), "companyId"))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for state in _ORDER:
+                key = self.key(queue, COLLECTIONS[state])
+                if state in LISTS:
+                    pipe.lrem(key, 0, job_id)
+                else:
+                    pipe.zrem(key, job_id)
+            pipe.delete(self.key(queue, job_id))
+            if company:
+                pipe.zrem(self.key(queue, f"company:{company}"), job_id)
+            await pipe.execute()
+
+    async def clean(self, queue: str, state: JobState, grace_ms: int, limit: int) -> list[str]:
+        """Remove finished jobs older than `grace_ms`, keeping the newest `limit` (Bull's clean)."""
+        if state not in (JobState.COMPLETED, JobState.FAILED):
+            raise ValueError("clean works on completed or failed jobs")
+        removed = await self._clean(
+            keys=[self.key(queue, COLLECTIONS[state])],
+            args=[self.key(queue, ""), str(now_ms() - grace_ms), str(limit)],
+        )
+        return [str(x) for x in removed]
+
+    async def company_jobs(self, queue: str, company_id: str, limit: int) -> list[str]:
+        """The tenant's newest job ids in this queue."""
+        ids = await self.redis.zrevrange(self.key(queue, f"company:{company_id}"), 0, limit - 1)
+        return [str(x) for x in ids]
 
     async def set_fields(self, queue: str, job_id: str, fields: dict[str, Any]) -> None:
         """Update hash fields of a job that is already mirrored (progress, stage)."""

@@ -26,6 +26,20 @@ class TrainingHyperparameters:
 
 
 @dataclass
+class JobOptions:
+    """Bull's job options, as Temporal carries them out."""
+
+    attempts: int = 2
+    backoff_type: str = "exponential"  # or "fixed"
+    backoff_delay_ms: int = 5000
+    delay_ms: int = 0
+    priority: int = 0  # Bull: 1 is the highest; 0 means none
+    remove_on_complete: int = -1  # -1 keep all, 0 remove at once, N keep the newest N
+    remove_on_fail: int = -1
+    attempts_before: int = 0  # runs of this job id before this one (POST .../retry)
+
+
+@dataclass
 class TrainRequest:
     job_id: str
     company_id: str
@@ -38,6 +52,7 @@ class TrainRequest:
     auto_deploy: bool = False
     deploy_version: str = ""
     deploy_target: str = "local"
+    options: JobOptions = field(default_factory=JobOptions)
 
 
 @dataclass
@@ -122,6 +137,7 @@ class StatusUpdate:
     stage: str = ""
     company_id: str = ""
     name: str = ""
+    keep: int = -1  # retention in the target collection: -1 all, 0 none, N newest N
 
 
 @dataclass
@@ -135,8 +151,7 @@ class DeployRequest:
     outtype: str = "f16"
     quantize: str = ""
     source_job: str = ""
-    max_attempts: int = 5
-    retry_initial_s: float = 2.0
+    options: JobOptions = field(default_factory=JobOptions)
 
 
 @dataclass
@@ -206,3 +221,11 @@ class DeployResult:
     digest: str
     gguf_path: str
     verification: VerifyResult
+
+
+@dataclass
+class QueueState:
+    """The input of a queue's QueueControlWorkflow."""
+
+    queue: str
+    paused: bool = False

@@ -93,6 +93,15 @@ async def temporal_env(settings: Settings) -> AsyncIterator[Any]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_BIN),
         search_attributes=[COMPANY_ID, JOB_KIND],
+        # Strict priorities and FIFO ties need these on the dev server (see NOTES.md).
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "matching.useNewMatcher=true",
+            "--dynamic-config-value",
+            "matching.numTaskqueueReadPartitions=1",
+            "--dynamic-config-value",
+            "matching.numTaskqueueWritePartitions=1",
+        ],
     )
     settings.temporal_address = env.client.service_client.config.target_host
     yield env

@@ -15,7 +15,7 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
-from workflows.common import mirror_status, root_message
+from workflows.common import mirror_status, retry_policy, root_message, wait_while_paused
 
 with workflow.unsafe.imports_passed_through():
     from activities.deployment import DeploymentActivities
@@ -33,12 +33,6 @@ with workflow.unsafe.imports_passed_through():
         VerifyRequest,
     )
 
-CONVERT_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=5),
-    backoff_coefficient=2.0,
-    maximum_attempts=2,
-    non_retryable_error_types=NON_RETRYABLE_ERRORS,
-)
 VERIFY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     maximum_attempts=2,
@@ -52,9 +46,11 @@ class DeploymentWorkflow:
     def __init__(self) -> None:
         self._stage = "waiting"
         self._progress = 0.0
+        self._released = False
 
     @workflow.run
     async def run(self, req: DeployRequest) -> DeployResult:
+        await wait_while_paused(DEPLOYMENT_QUEUE, lambda: self._released, lambda: self._paused(req))
         self._stage = "converting"
         await self._status(req, JobState.ACTIVE)
         published: PublishResult | None = None
@@ -69,7 +65,7 @@ class DeploymentWorkflow:
                 ),
                 start_to_close_timeout=timedelta(hours=2),
                 heartbeat_timeout=timedelta(minutes=2),
-                retry_policy=CONVERT_RETRY,
+                retry_policy=retry_policy(req.options),
             )
             self._stage, self._progress = "deploying", 40.0
             published = await workflow.execute_activity_method(
@@ -85,12 +81,7 @@ class DeploymentWorkflow:
                     quantize=req.quantize,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=req.retry_initial_s),
-                    backoff_coefficient=2.0,
-                    maximum_attempts=req.max_attempts,
-                    non_retryable_error_types=NON_RETRYABLE_ERRORS,
-                ),
+                retry_policy=retry_policy(req.options),
             )
             self._stage, self._progress = "verifying", 70.0
             verification = await workflow.execute_activity_method(
@@ -125,7 +116,13 @@ class DeploymentWorkflow:
                 if published.replaced_previous and published.target == "local":
                     reason += " and the previous version restored"
             self._stage = "failed"
-            await self._status(req, JobState.FAILED, failed_reason=reason)
+            await self._status(
+                req,
+                JobState.FAILED,
+                failed_reason=reason,
+                keep=req.options.remove_on_fail,
+                attempts_made=req.options.attempts_before + 1,
+            )
             if cancelled:
                 raise
             raise ApplicationError(reason, non_retryable=True) from err
@@ -138,8 +135,24 @@ class DeploymentWorkflow:
             verification=verification,
         )
         self._stage, self._progress = "completed", 100.0
-        await self._status(req, JobState.COMPLETED, result=asdict(result), progress=100.0)
+        await self._status(
+            req,
+            JobState.COMPLETED,
+            result=asdict(result),
+            progress=100.0,
+            keep=req.options.remove_on_complete,
+            attempts_made=req.options.attempts_before + 1,
+        )
         return result
+
+    @workflow.signal
+    def release(self) -> None:
+        """Let a job held by a paused queue start (sent by resume, in queue order)."""
+        self._released = True
+
+    async def _paused(self, req: DeployRequest) -> None:
+        self._stage = "paused"
+        await self._status(req, JobState.PAUSED)
 
     @workflow.query
     def progress(self) -> JobProgress:
@@ -154,7 +167,6 @@ class DeploymentWorkflow:
                 name="deploy",
                 state=state.value,
                 stage=self._stage,
-                attempts_made=workflow.info().attempt,
-                **fields,  # type: ignore[arg-type]
+                **{"attempts_made": req.options.attempts_before, **fields},  # type: ignore[arg-type]
             )
         )

@@ -17,7 +17,7 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
-from workflows.common import mirror_status, root_message
+from workflows.common import mirror_status, retry_policy, root_message, wait_while_paused
 from workflows.deployment import DeploymentWorkflow
 
 with workflow.unsafe.imports_passed_through():
@@ -37,13 +37,6 @@ with workflow.unsafe.imports_passed_through():
         TrainResult,
     )
 
-# The seed's policy: 2 attempts, exponential backoff from 5 s.
-TRAIN_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=5),
-    backoff_coefficient=2.0,
-    maximum_attempts=2,
-    non_retryable_error_types=NON_RETRYABLE_ERRORS,
-)
 SHORT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_attempts=3,
@@ -56,9 +49,11 @@ class TrainingWorkflow:
     def __init__(self) -> None:
         self._stage = "waiting"
         self._progress = 0.0
+        self._released = False
 
     @workflow.run
     async def run(self, req: TrainRequest) -> TrainResult:
+        await wait_while_paused(TRAINING_QUEUE, lambda: self._released, lambda: self._paused(req))
         self._stage = "exporting"
         await self._status(req, JobState.ACTIVE)
         try:
@@ -70,12 +65,25 @@ class TrainingWorkflow:
             else:
                 reason = f"{self._stage} failed: {root_message(err)}"
             self._stage = "failed"
-            await self._status(req, JobState.FAILED, failed_reason=reason)
+            await self._status(
+                req,
+                JobState.FAILED,
+                failed_reason=reason,
+                keep=req.options.remove_on_fail,
+                attempts_made=req.options.attempts_before + 1,
+            )
             if cancelled:
                 raise  # Temporal records the run as cancelled
             raise ApplicationError(reason, non_retryable=True) from err
         self._stage, self._progress = "completed", 100.0
-        await self._status(req, JobState.COMPLETED, result=asdict(result), progress=100.0)
+        await self._status(
+            req,
+            JobState.COMPLETED,
+            result=asdict(result),
+            progress=100.0,
+            keep=req.options.remove_on_complete,
+            attempts_made=req.options.attempts_before + 1,
+        )
         return result
 
     async def _train(self, req: TrainRequest) -> TrainResult:
@@ -100,7 +108,7 @@ class TrainingWorkflow:
             ),
             start_to_close_timeout=timedelta(seconds=req.train_timeout_s),
             heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout_s),
-            retry_policy=TRAIN_RETRY,
+            retry_policy=retry_policy(req.options),
         )
         self._stage, self._progress = "registering", 95.0
         result = await workflow.execute_activity_method(
@@ -150,6 +158,15 @@ class TrainingWorkflow:
             return {**info, "state": "failed", "failedReason": root_message(err)}
         return {**info, "state": "completed", "result": asdict(deployed)}
 
+    @workflow.signal
+    def release(self) -> None:
+        """Let a job held by a paused queue start (sent by resume, in queue order)."""
+        self._released = True
+
+    async def _paused(self, req: TrainRequest) -> None:
+        self._stage = "paused"
+        await self._status(req, JobState.PAUSED)
+
     @workflow.query
     def progress(self) -> JobProgress:
         """Stage and coarse progress; step-level progress is in the training heartbeat."""
@@ -164,7 +181,6 @@ class TrainingWorkflow:
                 name="train",
                 state=state.value,
                 stage=self._stage,
-                attempts_made=workflow.info().attempt,
-                **fields,  # type: ignore[arg-type]
+                **{"attempts_made": req.options.attempts_before, **fields},  # type: ignore[arg-type]
             )
         )

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import CurrentTenant, MirrorDep, SettingsDep, get_temporal
+from api.deps import (
+    CurrentTenant,
+    MirrorDep,
+    SettingsDep,
+    TemporalConnector,
+    TemporalUnavailable,
+    get_temporal,
+)
 from api.model_paths import ModelPathError, resolve_model_path
-from api.schemas import DeployAccepted, DeployBody, TrainAccepted, TrainBody
+from api.schemas import (
+    DeployAccepted,
+    DeployBody,
+    JobOptionsBody,
+    TrainAccepted,
+    TrainBody,
+    TrainFallback,
+)
 from tenanttune.jobs import JOB_KIND, model_name, new_job_id, valid_tag
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE, Settings
@@ -26,6 +44,7 @@ from workflows.deployment import DeploymentWorkflow
 from workflows.training import TrainingWorkflow
 
 router = APIRouter(prefix="/api/ai/models", tags=["models"])
+OPTION_FIELDS = set(JobOptionsBody.model_fields)
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
@@ -36,14 +55,28 @@ async def _queue(
     job_id: str,
     company_id: str,
     name: str,
-    data: dict[str, Any],
+    body: JobOptionsBody,
     workflow_run: Any,
-    arg: Any,
+    arg: TrainRequest | DeployRequest,
 ) -> None:
-    """Mirror the job as waiting and start its workflow (the same id never runs twice)."""
+    """Mirror the job as waiting (or delayed) and start its workflow.
+
+    One job id never runs twice: a running job is returned as it is (conflict policy), and a
+    finished one is not started again (reuse policy) — retry has its own route.
+    """
     client = await get_temporal(request)
+    options = arg.options
     try:
-        await mirror.add(queue, job_id, name=name, company_id=company_id, data=data)
+        await mirror.add(
+            queue,
+            job_id,
+            name=name,
+            company_id=company_id,
+            data=body.model_dump(exclude_none=True, exclude=OPTION_FIELDS),
+            opts=body.model_dump(exclude_none=True, include=OPTION_FIELDS),
+            delay_ms=options.delay_ms,
+            priority=options.priority,
+        )
     except (RedisError, OSError):
         pass  # the mirror is a cache; Temporal answers status queries without it
     try:
@@ -53,16 +86,29 @@ async def _queue(
             id=job_id,
             task_queue=queue,
             search_attributes=job_search_attributes(company_id, JOB_KIND[queue]),
-            # The same Idempotency-Key maps to the same id: return the existing run.
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            start_delay=timedelta(milliseconds=options.delay_ms) if options.delay_ms else None,
+            priority=Priority(priority_key=options.priority) if options.priority else Priority(),
         )
+    except WorkflowAlreadyStartedError:
+        return  # the same key after the job finished: the answer is that job
     except RPCError as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"could not queue the job: {exc.message}"
         ) from exc
 
 
-@router.post("/{company_id}/train", status_code=status.HTTP_202_ACCEPTED)
+def _idempotency(body: JobOptionsBody, header: str | None) -> str | None:
+    return header or body.jobId
+
+
+@router.post(
+    "/{company_id}/train",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainAccepted,
+    responses={200: {"model": TrainFallback, "description": "job queue down: run it by hand"}},
+)
 async def train(
     company_id: CurrentTenant,
     body: TrainBody,
@@ -70,7 +116,7 @@ async def train(
     mirror: MirrorDep,
     request: Request,
     idempotency_key: IdempotencyKey = None,
-) -> TrainAccepted:
+) -> TrainAccepted | JSONResponse:
     """Validate the tenant's data and queue a LoRA fine-tuning job."""
     files = dataset.tenant_files(settings.tenant_data_dir(company_id))
     if not files:
@@ -88,7 +134,12 @@ async def train(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"training data of company '{company_id}' is not usable: {problem}",
         )
-    job_id = new_job_id(TRAINING_QUEUE, company_id, idempotency_key)
+    connector: TemporalConnector = request.app.state.temporal
+    try:
+        await connector.get()
+    except TemporalUnavailable:
+        return await _manual_fallback(company_id, body, settings)
+    job_id = new_job_id(TRAINING_QUEUE, company_id, _idempotency(body, idempotency_key))
     hp = TrainingHyperparameters(
         epochs=body.epochs,
         batch_size=body.batchSize,
@@ -113,6 +164,7 @@ async def train(
         auto_deploy=body.autoDeploy,
         deploy_version=body.deployVersion or "",
         deploy_target=settings.deploy_target,
+        options=body.job_options(default_attempts=2, default_backoff_ms=5000),
     )
     await _queue(
         request,
@@ -121,7 +173,7 @@ async def train(
         job_id,
         company_id,
         "train",
-        body.model_dump(exclude_none=True),
+        body,
         TrainingWorkflow.run,
         train_request,
     )
@@ -158,7 +210,7 @@ async def deploy(
     except ModelPathError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
     name = model_name(_base_short_name(path, settings), company_id, body.version)
-    job_id = new_job_id(DEPLOYMENT_QUEUE, company_id, idempotency_key)
+    job_id = new_job_id(DEPLOYMENT_QUEUE, company_id, _idempotency(body, idempotency_key))
     deploy_request = DeployRequest(
         job_id=job_id,
         company_id=company_id,
@@ -169,8 +221,10 @@ async def deploy(
         outtype=body.outtype or settings.gguf_outtype,
         quantize=body.quantize or settings.ollama_quantize,
         source_job=_source_job(path),
-        max_attempts=settings.deploy_max_attempts,
-        retry_initial_s=settings.deploy_retry_initial_s,
+        options=body.job_options(
+            default_attempts=settings.deploy_max_attempts,
+            default_backoff_ms=int(settings.deploy_retry_initial_s * 1000),
+        ),
     )
     await _queue(
         request,
@@ -179,11 +233,71 @@ async def deploy(
         job_id,
         company_id,
         "deploy",
-        body.model_dump(exclude_none=True),
+        body,
         DeploymentWorkflow.run,
         deploy_request,
     )
     return DeployAccepted(message="Deployment job queued", jobId=job_id, modelName=name)
+
+
+async def _manual_fallback(company_id: str, body: TrainBody, settings: Settings) -> JSONResponse:
+    """Temporal is unreachable: prepare the data, say how to train by hand (the seed's answer)."""
+    train_file = settings.data_dir / f"{company_id}-training.jsonl"
+    eval_file = settings.data_dir / f"{company_id}-validation.jsonl"
+    await asyncio.to_thread(
+        dataset.export,
+        settings.tenant_data_dir(company_id),
+        [(train_file, eval_file)],
+        max_example_chars=settings.max_example_chars,
+        validation_share=settings.validation_share,
+        min_examples=settings.min_examples,
+    )
+    base = settings.base_model or str(settings.tiny_base_dir)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    train = [
+        "python",
+        "-m",
+        "training.train",
+        "--base-model",
+        base,
+        "--train-file",
+        str(train_file),
+        "--eval-file",
+        str(eval_file),
+        "--output-dir",
+        str(settings.models_dir / company_id / f"manual-{stamp}"),
+        "--epochs",
+        str(body.epochs),
+        "--batch-size",
+        str(body.batchSize),
+        "--learning-rate",
+        str(body.learningRate),
+        "--lora-r",
+        str(body.loraRank),
+        "--lora-alpha",
+        str(body.loraAlpha),
+        "--lora-dropout",
+        str(body.loraDropout),
+        "--target-modules",
+        ",".join(body.targetModules),
+        "--max-seq-len",
+        str(body.maxSeqLength),
+        "--grad-accum",
+        str(body.gradientAccumulation),
+        "--seed",
+        str(body.seed),
+        "--save-steps",
+        str(settings.train_save_steps),
+    ]
+    command = shlex.join(train)
+    if not settings.base_model:
+        command = f"python -m training.base_model {shlex.quote(base)} && {command}"
+    answer = TrainFallback(
+        message="Training data prepared. Run fine-tuning service manually:",
+        instructions={"command": command, "dataPath": str(train_file)},
+        note="Job queue unavailable. Use manual command above.",
+    )
+    return JSONResponse(status_code=200, content=answer.model_dump())
 
 
 def _manifest(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "tenanttune.cli"]
@@ -37,6 +38,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "API_PORT": str(free_port()),
         "REDIS_URL": "redis://127.0.0.1:6379/14",
     }
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # a mirror of this stack's jobs only
     yield env
     subprocess.run([*CLI, "down"], env=env, cwd=tmp_path, timeout=60, check=False)
     assert not stack_processes(tmp_path), "processes outlived `tenanttune down`"
@@ -108,6 +110,16 @@ def test_detached_stack_runs_the_demo_and_stops_cleanly(
         timeout=10,
     ).json()
     assert job["state"] == "completed" and job["companyId"] == "globex"
+
+    # The operator's CLI sees the same jobs (Temporal + Redis directly, no HTTP).
+    listed = run_cli(["jobs", "list", "--company", "globex"], stack_env, tmp_path, 60)
+    assert version.name in listed and "completed" in listed
+    assert '"state": "completed"' in run_cli(
+        ["jobs", "show", version.name], stack_env, tmp_path, 60
+    )
+    counts = run_cli(["queue", "counts", "model-training"], stack_env, tmp_path, 60)
+    assert "completed  1" in counts
+    assert "restored 2 jobs" in run_cli(["cache", "rebuild"], stack_env, tmp_path, 60)
 
     out = run_cli(["down"], stack_env, tmp_path, timeout=60)
     assert "stack stopped" in out

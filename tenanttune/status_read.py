@@ -1,16 +1,20 @@
-"""The read path of job status: the Redis mirror first, Temporal when Redis misses or is down."""
+"""The read path of job status: the Redis mirror first, Temporal when Redis misses or is down.
+
+Used by the API and by the Bull-style facade; it starts nothing, so it sits in the core.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.schemas import Job
 from tenanttune.jobs import queue_of
 from tenanttune.mirror import JobMirror
 from tenanttune.temporal import COMPANY_ID
@@ -20,7 +24,30 @@ QUERY_TIMEOUT_S = 2.0
 STATUS_ACTIVITY = "record_status"
 
 
-async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> Job | None:
+@dataclass
+class JobInfo:
+    """A job as Bull users see it: state, progress, result or failure."""
+
+    jobId: str  # noqa: N815 - the wire names of Bull's job
+    queue: str
+    companyId: str  # noqa: N815
+    state: str
+    progress: float
+    source: str
+    stage: str = ""
+    result: Any = None
+    failedReason: str | None = None  # noqa: N815
+    attemptsMade: int = 0  # noqa: N815
+    timestamp: int | None = None
+    processedOn: int | None = None  # noqa: N815
+    finishedOn: int | None = None  # noqa: N815
+    name: str = ""
+    data: Any = None
+    opts: Any = None
+    detail: dict[str, Any] | None = None  # the training heartbeat: step, total, loss, ...
+
+
+async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> JobInfo | None:
     """The job's Bull-style view, or None if no such job exists."""
     queue = queue_of(job_id)
     if queue is None:
@@ -30,7 +57,10 @@ async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> Job |
     except (RedisError, OSError):
         cached = None
     if cached is not None and cached.state != "unknown" and cached.company_id:
-        return Job(
+        return JobInfo(
+            name=cached.name,
+            data=cached.data,
+            opts=cached.opts,
             jobId=job_id,
             queue=queue,
             companyId=cached.company_id,
@@ -49,7 +79,7 @@ async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> Job |
     return await job_from_temporal(client, queue, job_id)
 
 
-async def job_from_temporal(client: Client, queue: str, job_id: str) -> Job | None:
+async def job_from_temporal(client: Client, queue: str, job_id: str) -> JobInfo | None:
     handle = client.get_workflow_handle(job_id)
     try:
         desc = await handle.describe()
@@ -60,7 +90,7 @@ async def job_from_temporal(client: Client, queue: str, job_id: str) -> Job | No
     company = desc.typed_search_attributes.get(COMPANY_ID) or ""
     started = _ms(desc.start_time)
     closed = _ms(desc.close_time)
-    job = Job(
+    job = JobInfo(
         jobId=job_id,
         queue=queue,
         companyId=company,
@@ -71,6 +101,9 @@ async def job_from_temporal(client: Client, queue: str, job_id: str) -> Job | No
         source="temporal",
     )
     if desc.status == WorkflowExecutionStatus.RUNNING:
+        if desc.execution_time and desc.execution_time > datetime.now(UTC):
+            job.state = "delayed"  # started with a start delay that has not elapsed
+            return job
         await _running_state(client, handle, desc, job)
         if job.stage not in ("completed", "failed"):
             return job
@@ -90,7 +123,7 @@ async def job_from_temporal(client: Client, queue: str, job_id: str) -> Job | No
     return job
 
 
-async def _running_state(client: Client, handle: Any, desc: Any, job: Job) -> None:
+async def _running_state(client: Client, handle: Any, desc: Any, job: JobInfo) -> None:
     pending = [
         a
         for a in desc.raw_description.pending_activities
@@ -103,12 +136,16 @@ async def _running_state(client: Client, handle: Any, desc: Any, job: Job) -> No
         job.stage, job.progress = progress.stage, progress.progress
     except (TimeoutError, RPCError):
         job.stage = pending[0].activity_type.name if pending else "waiting"
-    job.state = "waiting" if job.stage == "waiting" and not pending else "active"
+    if job.stage == "paused":
+        job.state = "paused"
+    else:
+        job.state = "waiting" if job.stage == "waiting" and not pending else "active"
     for activity in pending:
         if activity.heartbeat_details.payloads:
             details = (await client.data_converter.decode(activity.heartbeat_details.payloads))[0]
             if isinstance(details, dict) and details.get("total"):
                 job.progress = round(5.0 + 90.0 * details["step"] / details["total"], 1)
+                job.detail = details
         job.attemptsMade = max(job.attemptsMade, activity.attempt - 1)
 
 
