@@ -16,7 +16,7 @@ import ollama
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.proc import EXIT_BAD_INPUT, ScriptRun
+from activities.proc import EXIT_BAD_INPUT, ScriptRun, heartbeating
 from activities.status import StatusActivities
 from tenanttune.errors import InvalidModelError, VerificationFailedError
 from tenanttune.settings import DEPLOYMENT_QUEUE, Settings
@@ -67,6 +67,10 @@ class DeploymentActivities:
     @activity.defn
     async def convert_to_gguf(self, req: ConvertRequest) -> ConvertResult:
         """Merge + convert to GGUF unless the model path already holds one ("convert if needed")."""
+        async with heartbeating():
+            return await self._convert_to_gguf(req)
+
+    async def _convert_to_gguf(self, req: ConvertRequest) -> ConvertResult:
         model_path = Path(req.model_path)
         is_hf = model_path.is_dir() and any(
             (model_path / f).exists() for f in ("adapter_config.json", "config.json")
@@ -118,7 +122,7 @@ class DeploymentActivities:
                 type=InvalidModelError.__name__,
                 non_retryable=True,
             )
-        raise ApplicationError(f"GGUF conversion exited with status {rc}: {run.stderr_tail()}")
+        raise ApplicationError(run.failure("GGUF conversion"))
 
     # --- publish --------------------------------------------------------------------------
 
@@ -143,13 +147,15 @@ class DeploymentActivities:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("digest") == req.gguf.sha256 and meta.get("deploy_job") == req.job_id:
-                # A retry after a crash: this job already published exactly this file.
+                # A retry after a crash: this job already published exactly this file. It is
+                # still this job's publication (created=True), so a failed verification
+                # removes it.
                 return PublishResult(
                     req.model_name,
                     "local",
                     str(target),
                     req.gguf.sha256,
-                    False,
+                    True,
                     replaced_previous=target.with_name(f".{target.name}.previous").exists(),
                 )
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +209,9 @@ class DeploymentActivities:
             # Older Ollama names our blob in FROM; newer ones rewrite the GGUF on create, so the
             # marker written after our own create is what recognises finished work there.
             if current is not None and (current == req.gguf.sha256 or published_before):
+                # Already there: ours (a retry after a crash) if our marker says so.
                 return PublishResult(
-                    req.model_name, "ollama", self.settings.ollama_host, digest, False
+                    req.model_name, "ollama", self.settings.ollama_host, digest, published_before
                 )
             await client.create(
                 model=req.model_name,
@@ -277,7 +284,7 @@ class DeploymentActivities:
         run = ScriptRun()
         rc = await run.run("training.infer", str(gguf), prompt, "--max-tokens", str(max_tokens))
         if rc != 0:
-            message = run.last_event.get("message") or run.stderr_tail()
+            message = run.last_event.get("message") or run.failure("llama.cpp")
             raise ApplicationError(
                 f"llama.cpp could not answer with {gguf}: {message}",
                 type=VerificationFailedError.__name__,

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class ScriptRun:
             cwd=REPO_ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            limit=1 << 20,  # a long line must not break the reader
             start_new_session=True,
             preexec_fn=die_with_parent,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -73,7 +74,8 @@ class ScriptRun:
                         await self.on_event(event)
             self.returncode = await proc.wait()
             await drain
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or anything else went wrong here: never leave the child running.
             await terminate(proc)
             raise
         finally:
@@ -83,6 +85,14 @@ class ScriptRun:
 
     def stderr_tail(self, chars: int = 3000) -> str:
         return "\n".join(self.stderr)[-chars:]
+
+    def failure(self, what: str) -> str:
+        """A short reason for the job (the last stderr line); the whole tail goes to the log."""
+        activity.logger.warning(
+            "%s failed (status %s):\n%s", what, self.returncode, self.stderr_tail()
+        )
+        last = next((line.strip() for line in reversed(self.stderr) if line.strip()), "")
+        return f"{what} exited with status {self.returncode}: {last[:300]} (see the worker log)"
 
     async def _heartbeat_forever(self) -> None:
         # Loading a model prints nothing for a while; keep the activity alive meanwhile.
@@ -105,3 +115,19 @@ async def terminate(proc: asyncio.subprocess.Process) -> None:
             return
         except TimeoutError:
             continue
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(every_s: float = 5.0) -> AsyncIterator[None]:
+    """Heartbeat while a long in-process step (hashing, reading a GGUF) runs."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()

@@ -40,6 +40,8 @@ class TrainingActivities:
     def __init__(self, settings: Settings, status: StatusActivities) -> None:
         self.settings = settings
         self.status = status
+        # Trainings at once in this worker (= GPUs); other activities are not held by it.
+        self._slots = asyncio.Semaphore(max(settings.worker_max_concurrent_trainings, 1))
 
     @activity.defn
     async def export_training_data(self, req: ExportRequest) -> ExportResult:
@@ -133,7 +135,8 @@ class TrainingActivities:
             cmd += ["--resume-from-checkpoint", resume]
             log.info("job %s attempt %d resumes from %s", req.job_id, info.attempt, resume)
         run = _TrainingRun(self.status, req.job_id, resume)
-        await run.execute(cmd)
+        async with self._slots:
+            await run.execute(cmd)
         metrics = json.loads((output_dir / "metrics.json").read_text())
         return TrainModelResult(
             adapter_path=str(output_dir),
@@ -231,9 +234,7 @@ class _TrainingRun:
                 type=self.error.get("kind", TrainingFailedError.__name__),
                 non_retryable=True,
             )
-        raise ApplicationError(
-            f"training process exited with status {rc}:\n{self.script.stderr_tail()}"
-        )
+        raise ApplicationError(self.script.failure("training process"))
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         details = self.script.details

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -36,6 +37,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.mirror.close()
 
     app = FastAPI(title="TenantTune", version="0.1.0", lifespan=lifespan)
+
+    body_limit = settings.max_upload_bytes + 1024 * 1024  # multipart framing on top
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        # Refuse an oversized body before it is read (and spooled to disk) at all.
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > body_limit:
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"request body over the {settings.max_upload_bytes} byte limit"},
+            )
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -105,7 +105,7 @@ def tenant_of_path(company_id: str, principal: CurrentPrincipal) -> str:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
             "companyId must be 1-63 characters of lower-case letters, digits, '-' or '_', "
-            "starting with a letter or digit",
+            "starting with a letter or digit, and not a reserved name ('registry')",
         )
     if not principal.may_act_for(company_id):
         raise HTTPException(

@@ -427,5 +427,41 @@ def cache_rebuild() -> None:
     console.print(f"restored {_run(rebuild())} jobs into the mirror")
 
 
+@app.command()
+def replay(
+    histories: Annotated[
+        list[Path],
+        typer.Argument(
+            help="history JSON files (temporal "
+            "workflow show --output json, or "
+            "the SDK's fetch_history().to_json())"
+        ),
+    ],
+) -> None:
+    """Replay workflow histories against the current code; fails on non-determinism."""
+    import asyncio
+
+    from temporalio.client import WorkflowHistory
+    from temporalio.worker import Replayer
+
+    from workflows.deployment import DeploymentWorkflow
+    from workflows.queue_control import QueueControlWorkflow
+    from workflows.training import TrainingWorkflow
+
+    replayer = Replayer(workflows=[TrainingWorkflow, DeploymentWorkflow, QueueControlWorkflow])
+    failed = 0
+    for path in histories:
+        data = json.loads(path.read_text())
+        start = data["events"][0].get("workflowExecutionStartedEventAttributes", {})
+        history = WorkflowHistory.from_json(start.get("workflowId", path.stem), data)
+        result = asyncio.run(replayer.replay_workflow(history, raise_on_replay_failure=False))
+        if result.replay_failure is None:
+            console.print(f"[green]✓[/green] {path}")
+        else:
+            failed += 1
+            console.print(f"[red]✗[/red] {path}: {result.replay_failure}")
+    raise typer.Exit(1 if failed else 0)
+
+
 if __name__ == "__main__":
     app()

@@ -42,8 +42,12 @@ def control_workflow_id(queue: str) -> str:
     return f"queue-control-{queue}"
 
 
+# Directories under MODELS_DIR that are not tenants.
+RESERVED_COMPANY_IDS = frozenset({"registry"})
+
+
 def valid_company_id(company_id: str) -> bool:
-    return bool(COMPANY_ID_RE.match(company_id))
+    return bool(COMPANY_ID_RE.match(company_id)) and company_id not in RESERVED_COMPANY_IDS
 
 
 def new_job_id(queue: str, company_id: str, key: str | None = None) -> str:

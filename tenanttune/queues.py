@@ -21,6 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tenanttune.jobs import JOB_KIND, JobState, control_workflow_id, queue_of
@@ -162,31 +163,43 @@ class Queue:
             arg, options=replace(arg.options, attempts_before=arg.options.attempts_before + 1)
         )
         company = desc.typed_search_attributes.get(COMPANY_ID) or arg.company_id
-        with contextlib.suppress(RedisError, OSError):
-            await self.mirror.move(
-                self.name,
-                job_id,
-                JobState.WAITING,
-                {
-                    "failedReason": "",
-                    "finishedOn": "",
-                    "progress": 0,
-                    "attemptsMade": arg.options.attempts_before,
-                },
-                company_id=company,
-            )
+        # Back to waiting in the mirror first (only from failed, so a second retry racing
+        # this one cannot overwrite the new run's state); undone if the start fails.
         run = _workflow_run(self.name)
-        await client.start_workflow(
-            run,
-            arg,
-            id=job_id,
-            task_queue=self.name,
-            search_attributes=job_search_attributes(company, JOB_KIND[self.name]),
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-            priority=Priority(priority_key=arg.options.priority)
-            if arg.options.priority
-            else Priority(),
-        )
+        moved = False
+        with contextlib.suppress(RedisError, OSError):
+            if await self.mirror.state_of(self.name, job_id) == JobState.FAILED:
+                moved = await self.mirror.move(
+                    self.name,
+                    job_id,
+                    JobState.WAITING,
+                    {
+                        "failedReason": "",
+                        "finishedOn": "",
+                        "progress": 0,
+                        "attemptsMade": arg.options.attempts_before,
+                    },
+                    company_id=company,
+                )
+        try:
+            await client.start_workflow(
+                run,
+                arg,
+                id=job_id,
+                task_queue=self.name,
+                search_attributes=job_search_attributes(company, JOB_KIND[self.name]),
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                priority=Priority(priority_key=arg.options.priority)
+                if arg.options.priority
+                else Priority(),
+            )
+        except (WorkflowAlreadyStartedError, RPCError) as exc:
+            if moved:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.mirror.move(self.name, job_id, JobState.FAILED, company_id=company)
+            if isinstance(exc, WorkflowAlreadyStartedError):
+                raise JobStateError(f"job {job_id} is already running again") from exc
+            raise
 
     async def cancel(self, job_id: str) -> None:
         """Cancel a waiting or running job; it ends as failed with reason 'cancelled'."""

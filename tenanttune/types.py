@@ -53,6 +53,9 @@ class TrainRequest:
     deploy_version: str = ""
     deploy_target: str = "local"
     options: JobOptions = field(default_factory=JobOptions)
+    deploy_outtype: str = "f16"
+    deploy_quantize: str = ""
+    deploy_options: JobOptions = field(default_factory=JobOptions)
 
 
 @dataclass
@@ -192,7 +195,7 @@ class PublishResult:
     target: str
     location: str
     digest: str
-    created: bool
+    created: bool  # this job published it (a retry included): a failed verification removes it
     replaced_previous: bool = False
 
 

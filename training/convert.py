@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,8 @@ def convert_model(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A cancelled job's SIGTERM: exit through `finally` blocks, so temp dirs are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(prog="python -m training.convert", description=__doc__)
     parser.add_argument("model", type=Path, help="adapter dir (with its base) or HF model dir")
     parser.add_argument("outfile", type=Path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,14 +231,18 @@ def split(examples: list[Example], validation_share: float) -> tuple[list[Exampl
 def write_jsonl(examples: Iterable[Example], path: Path) -> str:
     """Write examples atomically (temp file + rename); return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     digest = hashlib.sha256()
-    with tmp.open("w", encoding="utf-8") as fh:
-        for e in examples:
-            line = json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n"
-            digest.update(line.encode())
-            fh.write(line)
-    tmp.replace(path)
+    try:
+        with open(fd, "w", encoding="utf-8") as fh:
+            for e in examples:
+                line = json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n"
+                digest.update(line.encode())
+                fh.write(line)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return digest.hexdigest()
 
 

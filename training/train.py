@@ -20,6 +20,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -106,6 +107,8 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any]:
             cfg.base_model, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
         )
     except (OSError, ValueError) as exc:
+        if not path.exists() and isinstance(exc, OSError):
+            raise  # a hub id that did not download: maybe transient, let the job retry
         raise BadInput("BaseModelError", f"cannot load base model {cfg.base_model}: {exc}") from exc
     return tokenizer, model
 
@@ -435,6 +438,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A cancelled job's SIGTERM: exit through `finally` blocks, so temp dirs are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = parse_args(argv)
     try:
         train(cfg)

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.queue import QueueActivities
@@ -27,7 +27,9 @@ async def mirror_status(update: StatusUpdate) -> None:
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=STATUS_RETRY,
         )
-    except ActivityError:
+    except ActivityError as err:
+        if is_cancelled_exception(err):
+            raise  # a cancel arriving here must reach the workflow
         workflow.logger.warning("status %s of %s not mirrored", update.state, update.job_id)
 
 
@@ -79,5 +81,7 @@ async def _paused(queue: str) -> bool:
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=STATUS_RETRY,
         )
-    except ActivityError:
+    except ActivityError as err:
+        if is_cancelled_exception(err):
+            raise
         return False  # cannot tell: run rather than hang

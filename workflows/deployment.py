@@ -50,11 +50,13 @@ class DeploymentWorkflow:
 
     @workflow.run
     async def run(self, req: DeployRequest) -> DeployResult:
-        await wait_while_paused(DEPLOYMENT_QUEUE, lambda: self._released, lambda: self._paused(req))
-        self._stage = "converting"
-        await self._status(req, JobState.ACTIVE)
         published: PublishResult | None = None
         try:
+            await wait_while_paused(
+                DEPLOYMENT_QUEUE, lambda: self._released, lambda: self._paused(req)
+            )
+            self._stage = "converting"
+            await self._status(req, JobState.ACTIVE)
             gguf = await workflow.execute_activity_method(
                 DeploymentActivities.convert_to_gguf,
                 ConvertRequest(
@@ -106,15 +108,19 @@ class DeploymentWorkflow:
             )
             if published is not None and published.created:
                 # Never leave a model that did not pass verification under the name.
-                await workflow.execute_activity_method(
-                    DeploymentActivities.unpublish_model,
-                    published,
-                    start_to_close_timeout=timedelta(minutes=5),
-                    retry_policy=ROLLBACK_RETRY,
-                )
-                reason += f"; {published.model_name} was removed"
-                if published.replaced_previous and published.target == "local":
-                    reason += " and the previous version restored"
+                try:
+                    await workflow.execute_activity_method(
+                        DeploymentActivities.unpublish_model,
+                        published,
+                        start_to_close_timeout=timedelta(minutes=5),
+                        retry_policy=ROLLBACK_RETRY,
+                    )
+                    reason += f"; {published.model_name} was removed"
+                    if published.replaced_previous and published.target == "local":
+                        reason += " and the previous version restored"
+                except ActivityError as rollback:
+                    reason += f"; removing {published.model_name} failed: "
+                    reason += root_message(rollback)
             self._stage = "failed"
             await self._status(
                 req,

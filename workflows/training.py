@@ -53,10 +53,12 @@ class TrainingWorkflow:
 
     @workflow.run
     async def run(self, req: TrainRequest) -> TrainResult:
-        await wait_while_paused(TRAINING_QUEUE, lambda: self._released, lambda: self._paused(req))
-        self._stage = "exporting"
-        await self._status(req, JobState.ACTIVE)
         try:
+            await wait_while_paused(
+                TRAINING_QUEUE, lambda: self._released, lambda: self._paused(req)
+            )
+            self._stage = "exporting"
+            await self._status(req, JobState.ACTIVE)
             result = await self._train(req)
         except (ActivityError, ApplicationError, asyncio.CancelledError, CancelledError) as err:
             cancelled = is_cancelled_exception(err)
@@ -149,12 +151,17 @@ class TrainingWorkflow:
                     model_name=name,
                     target=req.deploy_target,
                     source_job=req.job_id,
+                    outtype=req.deploy_outtype,
+                    quantize=req.deploy_quantize,
+                    options=req.deploy_options,
                 ),
                 id=job_id,
                 task_queue=DEPLOYMENT_QUEUE,
                 search_attributes=job_search_attributes(req.company_id, "deployment"),
             )
         except ChildWorkflowError as err:
+            if is_cancelled_exception(err):
+                raise
             return {**info, "state": "failed", "failedReason": root_message(err)}
         return {**info, "state": "completed", "result": asdict(deployed)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from tenanttune.jobs import JOB_KIND, model_name, new_job_id, valid_tag
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE, Settings
 from tenanttune.temporal import job_search_attributes
-from tenanttune.types import DeployRequest, TrainingHyperparameters, TrainRequest
+from tenanttune.types import DeployRequest, JobOptions, TrainingHyperparameters, TrainRequest
 from training import dataset
 from training.base_model import short_name
 from workflows.deployment import DeploymentWorkflow
@@ -66,8 +67,9 @@ async def _queue(
     """
     client = await get_temporal(request)
     options = arg.options
+    added = False
     try:
-        await mirror.add(
+        added = await mirror.add(
             queue,
             job_id,
             name=name,
@@ -92,8 +94,15 @@ async def _queue(
             priority=Priority(priority_key=options.priority) if options.priority else Priority(),
         )
     except WorkflowAlreadyStartedError:
-        return  # the same key after the job finished: the answer is that job
+        # The same key after the job finished: the answer is that job. An entry just added
+        # for it would claim it is waiting; Temporal answers for it instead.
+        if added:
+            with contextlib.suppress(RedisError, OSError):
+                await mirror.remove(queue, job_id)
     except RPCError as exc:
+        if added:
+            with contextlib.suppress(RedisError, OSError):
+                await mirror.remove(queue, job_id)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"could not queue the job: {exc.message}"
         ) from exc
@@ -165,6 +174,12 @@ async def train(
         deploy_version=body.deployVersion or "",
         deploy_target=settings.deploy_target,
         options=body.job_options(default_attempts=2, default_backoff_ms=5000),
+        deploy_outtype=settings.gguf_outtype,
+        deploy_quantize=settings.ollama_quantize,
+        deploy_options=JobOptions(
+            attempts=settings.deploy_max_attempts,
+            backoff_delay_ms=int(settings.deploy_retry_initial_s * 1000),
+        ),
     )
     await _queue(
         request,

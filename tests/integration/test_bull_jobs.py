@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from temporalio.api.enums.v1 import EventType
 
 from tenanttune.queues import get_training_queue, rebuild_cache
 from tenanttune.settings import Settings
@@ -73,7 +74,7 @@ async def test_priority_reaches_temporal(
 
 
 async def test_pause_holds_new_jobs_and_resume_releases_them_in_order(
-    api: httpx.AsyncClient, settings: Settings, redis_client: aioredis.Redis
+    api: httpx.AsyncClient, settings: Settings, redis_client: aioredis.Redis, temporal_env: Any
 ) -> None:
     seed_tenant(settings, "paused", lines=40)
     admin = token(settings, "ops", admin=True)
@@ -100,7 +101,17 @@ async def test_pause_holds_new_jobs_and_resume_releases_them_in_order(
         assert r.status_code == 200 and not r.json()["paused"]
     finals = [(await follow(api, j, token(settings, "paused")))[-1] for j in jobs]
     assert [f["state"] for f in finals] == ["completed", "completed"]
-    assert finals[0]["processedOn"] <= finals[1]["processedOn"], "released oldest first"
+    released = []
+    for j in jobs:
+        history = await temporal_env.client.get_workflow_handle(j).fetch_history()
+        signals = [
+            e
+            for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        ]
+        assert signals, "the held job was released by a signal"
+        released.append(signals[0].event_time.ToNanoseconds())
+    assert released == sorted(released), "released oldest first"
 
 
 async def test_retry_runs_a_failed_job_again_under_the_same_id(
@@ -285,3 +296,16 @@ async def test_python_facade_reads_like_bull(
     }
     assert await queue.get_job("deploy-facade-0000000000000000") is None  # other queue
     assert [j.jobId for j in await queue.get_jobs("facade")] == [job_id]
+
+
+async def test_cancel_of_a_delayed_job_is_not_lost(
+    api: httpx.AsyncClient, settings: Settings, temporal_env: Any
+) -> None:
+    """The cancel lands before the job's first step: it must end cancelled, never train."""
+    seed_tenant(settings, "nevermind", lines=40)
+    headers = token(settings, "nevermind")
+    job = await submit(api, settings, "nevermind", {**ONE, "delay": 2000})
+    assert (await api.post(f"/api/ai/jobs/{job}/cancel", headers=headers)).status_code == 202
+    final = (await follow(api, job, headers, timeout_s=60))[-1]
+    assert final["state"] == "failed" and "cancelled" in final["failedReason"]
+    assert not (settings.models_dir / "nevermind").exists(), "a cancelled job trained anyway"

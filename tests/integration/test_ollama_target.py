@@ -103,7 +103,7 @@ async def test_publish_retry_does_not_upload_or_create_twice(
     second = await env.run(acts.deploy_model, request)
     stats_after = httpx.get(f"{ollama_target}/_standin/stats").json()
     await mirror.close()
-    assert first.created and not second.created
+    assert first.created and second.created  # still this job's publication, for rollback
     assert second.digest == first.digest == f"sha256:{digest}"
     assert stats_after["blob_posts"] == stats_before["blob_posts"], "no second upload"
     assert stats_after["creates"] == stats_before["creates"], "no second create"

@@ -135,3 +135,13 @@ async def test_job_ids_that_do_not_exist_are_404(
 ) -> None:
     r = await api.get("/api/ai/jobs/not-a-job", headers=token(settings, "acme"))
     assert r.status_code == 404
+
+
+async def test_reserved_company_ids_are_400(api: httpx.AsyncClient, settings: Settings) -> None:
+    """`registry` is the deployed-model registry under MODELS_DIR, never a tenant."""
+    r = await api.post(
+        "/api/ai/models/registry/deploy",
+        headers=token(settings, "registry"),
+        json={"modelPath": "x", "version": "1"},
+    )
+    assert r.status_code == 400 and "reserved" in r.json()["detail"]
