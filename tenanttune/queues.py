@@ -189,6 +189,7 @@ class Queue:
                 task_queue=self.name,
                 search_attributes=job_search_attributes(company, JOB_KIND[self.name]),
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                memo={"attemptsBefore": arg.options.attempts_before},
                 priority=Priority(priority_key=arg.options.priority)
                 if arg.options.priority
                 else Priority(),

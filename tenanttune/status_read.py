@@ -100,6 +100,10 @@ async def job_from_temporal(client: Client, queue: str, job_id: str) -> JobInfo 
         finishedOn=closed,
         source="temporal",
     )
+    # Bull's attemptsMade: runs of this job id finished before this one (kept in the memo by
+    # whoever started the run), plus this one once it has finished.
+    before = int(await desc.memo_value("attemptsBefore", 0, type_hint=int))
+    job.attemptsMade = before if desc.status == WorkflowExecutionStatus.RUNNING else before + 1
     if desc.status == WorkflowExecutionStatus.RUNNING:
         if desc.execution_time and desc.execution_time > datetime.now(UTC):
             job.state = "delayed"  # started with a start delay that has not elapsed
@@ -146,7 +150,6 @@ async def _running_state(client: Client, handle: Any, desc: Any, job: JobInfo) -
             if isinstance(details, dict) and details.get("total"):
                 job.progress = round(5.0 + 90.0 * details["step"] / details["total"], 1)
                 job.detail = details
-        job.attemptsMade = max(job.attemptsMade, activity.attempt - 1)
 
 
 async def _failure_reason(handle: Any, status: WorkflowExecutionStatus | None) -> str:

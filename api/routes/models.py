@@ -90,6 +90,7 @@ async def _queue(
             search_attributes=job_search_attributes(company_id, JOB_KIND[queue]),
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            memo={"attemptsBefore": options.attempts_before},
             start_delay=timedelta(milliseconds=options.delay_ms) if options.delay_ms else None,
             priority=Priority(priority_key=options.priority) if options.priority else Priority(),
         )

@@ -137,6 +137,8 @@ async def test_retry_runs_a_failed_job_again_under_the_same_id(
     assert r.status_code == 202, r.text
     final = (await follow(api, job, headers))[-1]
     assert final["state"] == "completed" and final["attemptsMade"] == 2
+    from_temporal = await job_from_temporal(client, Q, job)
+    assert from_temporal is not None and from_temporal.attemptsMade == 2
     runs = [w async for w in client.list_workflows(f"WorkflowId = '{job}'")]
     assert len(runs) == 2
     again = await api.post(f"/api/ai/jobs/{job}/retry", headers=headers)
