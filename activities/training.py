@@ -195,10 +195,14 @@ class TrainingActivities:
             }
             tmp = target.with_name(f".{target.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(req.adapter_path, tmp)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(target)
+            try:
+                shutil.copytree(req.adapter_path, tmp)
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(target)
+            finally:
+                # A failed copy (disk full, ...) leaves nothing half-written behind.
+                shutil.rmtree(tmp, ignore_errors=True)
         # The job's scratch space (checkpoints, attempts) is no longer needed.
         shutil.rmtree(self.settings.runs_dir / req.job_id, ignore_errors=True)
         await self.status.report_progress(TRAINING_QUEUE, req.job_id, 100.0, "registered")

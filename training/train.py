@@ -93,6 +93,8 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(cfg.base_model)
+    if cfg.base_model.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise BadInput("BaseModelError", f"base model directory {path} does not exist")
     if path.exists():
         if not path.is_dir():
             raise BadInput("BaseModelError", f"base model must be a directory: {path}")
