@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Protocol
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -13,7 +14,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.queue import QueueActivities
     from activities.status import StatusActivities
     from tenanttune.errors import NON_RETRYABLE_ERRORS
-    from tenanttune.types import JobOptions, StatusUpdate
+    from tenanttune.jobs import JobState
+    from tenanttune.types import JobOptions, JobProgress, StatusUpdate
+
+
+class JobRequest(Protocol):
+    job_id: str
+    company_id: str
+    options: JobOptions
+
 
 STATUS_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 
@@ -85,3 +94,46 @@ async def _paused(queue: str) -> bool:
         if is_cancelled_exception(err):
             raise
         return False  # cannot tell: run rather than hang
+
+
+class JobWorkflow:
+    """What every job workflow shares: stage and progress, the pause gate's release signal,
+    the `progress` query and the mirror writes. Subclasses set QUEUE and NAME."""
+
+    QUEUE = ""
+    NAME = ""
+
+    def __init__(self) -> None:
+        self._stage = "waiting"
+        self._progress = 0.0
+        self._released = False
+
+    @workflow.signal
+    def release(self) -> None:
+        """Let a job held by a paused queue start (sent by resume, in queue order)."""
+        self._released = True
+
+    @workflow.query
+    def progress(self) -> JobProgress:
+        """Stage and coarse progress; step-level training progress is in the heartbeat."""
+        return JobProgress(stage=self._stage, progress=self._progress)
+
+    async def _hold_while_paused(self, req: JobRequest) -> None:
+        async def paused() -> None:
+            self._stage = "paused"
+            await self._status(req, JobState.PAUSED)
+
+        await wait_while_paused(self.QUEUE, lambda: self._released, paused)
+
+    async def _status(self, req: JobRequest, state: JobState, **fields: object) -> None:
+        await mirror_status(
+            StatusUpdate(
+                job_id=req.job_id,
+                queue=self.QUEUE,
+                company_id=req.company_id,
+                name=self.NAME,
+                state=state.value,
+                stage=self._stage,
+                **{"attempts_made": req.options.attempts_before, **fields},  # type: ignore[arg-type]
+            )
+        )

@@ -15,7 +15,7 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
-from workflows.common import mirror_status, retry_policy, root_message, wait_while_paused
+from workflows.common import JobWorkflow, retry_policy, root_message
 
 with workflow.unsafe.imports_passed_through():
     from activities.deployment import DeploymentActivities
@@ -26,10 +26,8 @@ with workflow.unsafe.imports_passed_through():
         ConvertRequest,
         DeployRequest,
         DeployResult,
-        JobProgress,
         PublishRequest,
         PublishResult,
-        StatusUpdate,
         VerifyRequest,
     )
 
@@ -42,19 +40,15 @@ ROLLBACK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_atte
 
 
 @workflow.defn
-class DeploymentWorkflow:
-    def __init__(self) -> None:
-        self._stage = "waiting"
-        self._progress = 0.0
-        self._released = False
+class DeploymentWorkflow(JobWorkflow):
+    QUEUE = DEPLOYMENT_QUEUE
+    NAME = "deploy"
 
     @workflow.run
     async def run(self, req: DeployRequest) -> DeployResult:
         published: PublishResult | None = None
         try:
-            await wait_while_paused(
-                DEPLOYMENT_QUEUE, lambda: self._released, lambda: self._paused(req)
-            )
+            await self._hold_while_paused(req)
             self._stage = "converting"
             await self._status(req, JobState.ACTIVE)
             gguf = await workflow.execute_activity_method(
@@ -150,29 +144,3 @@ class DeploymentWorkflow:
             attempts_made=req.options.attempts_before + 1,
         )
         return result
-
-    @workflow.signal
-    def release(self) -> None:
-        """Let a job held by a paused queue start (sent by resume, in queue order)."""
-        self._released = True
-
-    async def _paused(self, req: DeployRequest) -> None:
-        self._stage = "paused"
-        await self._status(req, JobState.PAUSED)
-
-    @workflow.query
-    def progress(self) -> JobProgress:
-        return JobProgress(stage=self._stage, progress=self._progress)
-
-    async def _status(self, req: DeployRequest, state: JobState, **fields: object) -> None:
-        await mirror_status(
-            StatusUpdate(
-                job_id=req.job_id,
-                queue=DEPLOYMENT_QUEUE,
-                company_id=req.company_id,
-                name="deploy",
-                state=state.value,
-                stage=self._stage,
-                **{"attempts_made": req.options.attempts_before, **fields},  # type: ignore[arg-type]
-            )
-        )

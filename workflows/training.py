@@ -17,7 +17,7 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
-from workflows.common import mirror_status, retry_policy, root_message, wait_while_paused
+from workflows.common import JobWorkflow, retry_policy, root_message
 from workflows.deployment import DeploymentWorkflow
 
 with workflow.unsafe.imports_passed_through():
@@ -29,9 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from tenanttune.types import (
         DeployRequest,
         ExportRequest,
-        JobProgress,
         RegisterModelRequest,
-        StatusUpdate,
         TrainModelRequest,
         TrainRequest,
         TrainResult,
@@ -45,18 +43,14 @@ SHORT_RETRY = RetryPolicy(
 
 
 @workflow.defn
-class TrainingWorkflow:
-    def __init__(self) -> None:
-        self._stage = "waiting"
-        self._progress = 0.0
-        self._released = False
+class TrainingWorkflow(JobWorkflow):
+    QUEUE = TRAINING_QUEUE
+    NAME = "train"
 
     @workflow.run
     async def run(self, req: TrainRequest) -> TrainResult:
         try:
-            await wait_while_paused(
-                TRAINING_QUEUE, lambda: self._released, lambda: self._paused(req)
-            )
+            await self._hold_while_paused(req)
             self._stage = "exporting"
             await self._status(req, JobState.ACTIVE)
             result = await self._train(req)
@@ -164,30 +158,3 @@ class TrainingWorkflow:
                 raise
             return {**info, "state": "failed", "failedReason": root_message(err)}
         return {**info, "state": "completed", "result": asdict(deployed)}
-
-    @workflow.signal
-    def release(self) -> None:
-        """Let a job held by a paused queue start (sent by resume, in queue order)."""
-        self._released = True
-
-    async def _paused(self, req: TrainRequest) -> None:
-        self._stage = "paused"
-        await self._status(req, JobState.PAUSED)
-
-    @workflow.query
-    def progress(self) -> JobProgress:
-        """Stage and coarse progress; step-level progress is in the training heartbeat."""
-        return JobProgress(stage=self._stage, progress=self._progress)
-
-    async def _status(self, req: TrainRequest, state: JobState, **fields: object) -> None:
-        await mirror_status(
-            StatusUpdate(
-                job_id=req.job_id,
-                queue=TRAINING_QUEUE,
-                company_id=req.company_id,
-                name="train",
-                state=state.value,
-                stage=self._stage,
-                **{"attempts_made": req.options.attempts_before, **fields},  # type: ignore[arg-type]
-            )
-        )
