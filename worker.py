@@ -6,18 +6,23 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 
+from prometheus_client import REGISTRY, start_http_server
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import Interceptor, Worker
 
 from activities.deployment import DeploymentActivities
 from activities.queue import QueueActivities
 from activities.status import StatusActivities
 from activities.training import TrainingActivities
+from tenanttune import telemetry
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, QUEUES, TRAINING_QUEUE, Settings, get_settings
-from tenanttune.temporal import connect
+from tenanttune.temporal import connect, is_traced
 from workflows.deployment import DeploymentWorkflow
 from workflows.queue_control import QueueControlWorkflow
 from workflows.training import TrainingWorkflow
@@ -33,6 +38,11 @@ def build_workers(
     training = TrainingActivities(settings, status)
     deployment = DeploymentActivities(settings, status)
     gate = QueueActivities(client)
+    # Spans for workflows and activities (unless the client already carries the tracing
+    # interceptor, which workers inherit), and per-stage timings and error counts.
+    # Tracing goes first (outermost), so the telemetry runs inside the activity's span.
+    interceptors: list[Interceptor] = [] if is_traced(client) else [TracingInterceptor()]
+    interceptors.append(telemetry.ActivityTelemetry())
     workers = []
     if TRAINING_QUEUE in queues:
         workers.append(
@@ -48,6 +58,7 @@ def build_workers(
                     training.register_model,
                 ],
                 max_concurrent_activities=settings.worker_max_concurrent_trainings + 4,
+                interceptors=interceptors,
             )
         )
     if DEPLOYMENT_QUEUE in queues:
@@ -65,6 +76,7 @@ def build_workers(
                     deployment.unpublish_model,
                     deployment.finish_publish,
                 ],
+                interceptors=interceptors,
             )
         )
     return workers
@@ -72,7 +84,10 @@ def build_workers(
 
 async def main(queues: Sequence[str]) -> None:
     settings = get_settings()
-    client = await connect(settings)
+    telemetry.configure_logging(settings)
+    telemetry.configure_tracing(settings, "tenanttune-worker")
+    telemetry.configure_metrics(settings, "tenanttune-worker")
+    client = await connect(settings, runtime=_metrics_runtime(settings))
     mirror = JobMirror.from_url(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s)
     workers = build_workers(client, settings, mirror, queues)
     stop = asyncio.Event()
@@ -86,6 +101,30 @@ async def main(queues: Sequence[str]) -> None:
     await asyncio.gather(*(w.shutdown() for w in workers))
     await asyncio.gather(*runs, return_exceptions=True)
     await mirror.close()
+
+
+def _metrics_runtime(settings: Settings) -> Runtime | None:
+    """Serve Prometheus metrics on WORKER_METRICS_PORT: ours, and the Temporal SDK's worker
+    metrics (task slots, poll and schedule latencies), which the SDK serves on a private port."""
+    if not settings.worker_metrics_port:
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        sdk_port = probe.getsockname()[1]
+    runtime = Runtime(
+        telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{sdk_port}"))
+    )
+    REGISTRY.register(telemetry.ForwardedMetrics(f"http://127.0.0.1:{sdk_port}/metrics"))
+    try:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+    except OSError as exc:
+        # A second worker on one host: it works, it just is not scraped on that port.
+        log.warning("metrics port %d unavailable: %s", settings.worker_metrics_port, exc)
+    else:
+        log.info(
+            "metrics on %s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port
+        )
+    return runtime
 
 
 def parse_queues(value: str) -> list[str]:
@@ -105,5 +144,4 @@ if __name__ == "__main__":
         help="comma-separated task queues to poll (default: all)",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(main(args.queues))

@@ -16,8 +16,9 @@ import ollama
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.proc import EXIT_BAD_INPUT, ScriptRun, heartbeating
+from activities.proc import ScriptRun, heartbeating
 from activities.status import StatusActivities
+from tenanttune import failpoints
 from tenanttune.errors import InvalidModelError, VerificationFailedError
 from tenanttune.settings import DEPLOYMENT_QUEUE, Settings
 from tenanttune.types import (
@@ -29,6 +30,7 @@ from tenanttune.types import (
     VerifyResult,
 )
 from training import chat, convert, dataset
+from training.exits import EXIT_BAD_INPUT
 
 DEFAULT_QUESTION = "What can you help me with?"
 
@@ -122,17 +124,19 @@ class DeploymentActivities:
                 type=InvalidModelError.__name__,
                 non_retryable=True,
             )
-        raise ApplicationError(run.failure("GGUF conversion"))
+        raise run.error("GGUF conversion")
 
     # --- publish --------------------------------------------------------------------------
 
     @activity.defn
     async def deploy_model(self, req: PublishRequest) -> PublishResult:
         """Publish the GGUF under the model name on the configured target."""
-        if req.target == "ollama":
-            result = await self._publish_ollama(req)
-        else:
-            result = await asyncio.to_thread(self._publish_local, req)
+        async with heartbeating():
+            if req.target == "ollama":
+                result = await self._publish_ollama(req)
+            else:
+                result = await asyncio.to_thread(self._publish_local, req)
+        failpoints.hit("deploy_model.published")
         await self.status.report_progress(DEPLOYMENT_QUEUE, req.job_id, 70.0, "deployed")
         return result
 
@@ -150,6 +154,7 @@ class DeploymentActivities:
                 # A retry after a crash: this job already published exactly this file. It is
                 # still this job's publication (created=True), so a failed verification
                 # removes it.
+                activity.logger.info("%s already published by this job; kept", req.model_name)
                 return PublishResult(
                     req.model_name,
                     "local",

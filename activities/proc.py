@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 from collections import deque
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from tenanttune.errors import DiskFullError, ResourceLimitError
+from training.exits import EXIT_NO_MEMORY, EXIT_NO_SPACE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXIT_BAD_INPUT = 3  # the scripts' status for input that no retry will fix
 PR_SET_PDEATHSIG = 1
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -29,6 +33,18 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _child_setup(memory_mb: int) -> Callable[[], None]:
+    """What the child runs before exec: die with the worker, and cap its address space."""
+
+    def setup() -> None:
+        die_with_parent()
+        if memory_mb > 0:
+            limit = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return setup
+
+
 class ScriptRun:
     """Run `python -m <module> ...` that prints JSON lines; heartbeat while it runs.
 
@@ -36,8 +52,13 @@ class ScriptRun:
     terminates the subprocess's process group.
     """
 
-    def __init__(self, on_event: EventHandler | None = None) -> None:
+    def __init__(
+        self, on_event: EventHandler | None = None, *, memory_mb: int = 0, wall_clock_s: float = 0
+    ) -> None:
         self.on_event = on_event
+        self.memory_mb = memory_mb  # RLIMIT_AS of the child; 0: none
+        self.wall_clock_s = wall_clock_s  # the child is stopped after this long; 0: never
+        self.timed_out = False
         self.details: dict[str, Any] = {}
         self.stderr: deque[str] = deque(maxlen=40)
         self.last_event: dict[str, Any] = {}
@@ -54,12 +75,13 @@ class ScriptRun:
             stderr=asyncio.subprocess.PIPE,
             limit=1 << 20,  # a long line must not break the reader
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=_child_setup(self.memory_mb),
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
         )
         assert proc.stdout is not None and proc.stderr is not None
         beats = asyncio.create_task(self._heartbeat_forever())
         drain = asyncio.create_task(self._drain(proc.stderr))
+        watchdog = asyncio.create_task(self._stop_after(proc)) if self.wall_clock_s else None
         try:
             async for raw in proc.stdout:
                 line = raw.decode(errors="replace").strip()
@@ -81,10 +103,39 @@ class ScriptRun:
         finally:
             beats.cancel()
             drain.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
         return self.returncode
+
+    async def _stop_after(self, proc: asyncio.subprocess.Process) -> None:
+        await asyncio.sleep(self.wall_clock_s)
+        self.timed_out = True
+        await terminate(proc)
 
     def stderr_tail(self, chars: int = 3000) -> str:
         return "\n".join(self.stderr)[-chars:]
+
+    def error(self, what: str) -> ApplicationError:
+        """The failure to raise: a full disk is said so plainly (retryable, space may be freed)."""
+        if self.timed_out:
+            return ApplicationError(
+                f"{what} ran past its wall-clock limit of {self.wall_clock_s:.0f} s and was "
+                "stopped (TRAIN_MAX_WALL_CLOCK_S)",
+                type=ResourceLimitError.__name__,
+                non_retryable=True,
+            )
+        if self.returncode == EXIT_NO_MEMORY:
+            message = self.last_event.get("message", "out of memory")
+            return ApplicationError(
+                f"{what} exceeded its memory limit of {self.memory_mb} MB "
+                f"(TRAIN_MAX_MEMORY_MB): {message}",
+                type=ResourceLimitError.__name__,
+                non_retryable=True,
+            )
+        if self.returncode == EXIT_NO_SPACE:
+            message = self.last_event.get("message", "no space left on device")
+            return ApplicationError(f"{what}: {message}", type=DiskFullError.__name__)
+        return ApplicationError(self.failure(what))
 
     def failure(self, what: str) -> str:
         """A short reason for the job (the last stderr line); the whole tail goes to the log."""

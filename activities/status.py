@@ -8,16 +8,19 @@ import time
 from redis.exceptions import RedisError
 from temporalio import activity
 
+from tenanttune import telemetry
 from tenanttune.jobs import JobState
 from tenanttune.mirror import JobMirror, now_ms
 from tenanttune.types import StatusUpdate
 
+EVENTS_BACKOFF_S = 30.0
 log = logging.getLogger(__name__)
 
 
 class StatusActivities:
     def __init__(self, mirror: JobMirror) -> None:
         self.mirror = mirror
+        self._events_paused_until = 0.0
         self._last_progress: dict[str, float] = {}
 
     @activity.defn
@@ -41,8 +44,23 @@ class StatusActivities:
             fields["returnvalue"] = update.result
         if update.failed_reason is not None:
             fields["failedReason"] = update.failed_reason
+        final = state in (JobState.COMPLETED, JobState.FAILED)
+        if final:
+            telemetry.record_job_finished(
+                update.queue, update.company_id, state.value, update.duration_s
+            )
+        # Event type: `state` for a change of state, `completed` / `failed` for the last one.
+        event: dict[str, object] = {
+            "type": state.value if final else "state",
+            "state": state.value,
+            "stage": update.stage,
+        }
+        if update.failed_reason is not None:
+            event["failedReason"] = update.failed_reason
+        if update.result is not None:
+            event["result"] = update.result
         try:
-            return await self.mirror.move(
+            moved = await self.mirror.move(
                 update.queue,
                 update.job_id,
                 state,
@@ -50,9 +68,25 @@ class StatusActivities:
                 company_id=update.company_id,
                 keep=update.keep,
             )
+            await self.mirror.add_event(update.queue, update.job_id, event)
+            return moved
         except (RedisError, OSError) as exc:
             log.warning("mirror unavailable, %s not recorded as %s: %s", update.job_id, state, exc)
             return False
+
+    async def record_event(self, queue: str, job_id: str, event: dict[str, object]) -> None:
+        """A progress event (training step, eval, checkpoint) for the job's event stream.
+
+        After a Redis error, events are skipped for EVENTS_BACKOFF_S: each attempt against an
+        unreachable Redis waits for its timeout, which would stall the training's output.
+        """
+        if time.monotonic() < self._events_paused_until:
+            return
+        try:
+            await self.mirror.add_event(queue, job_id, event)
+        except Exception as exc:  # noqa: BLE001 - events are cosmetic; never fail the job
+            self._events_paused_until = time.monotonic() + EVENTS_BACKOFF_S
+            log.debug("mirror unavailable, event of %s not recorded: %s", job_id, exc)
 
     async def report_progress(
         self, queue: str, job_id: str, progress: float, stage: str = "", min_interval_s: float = 1.0

@@ -15,9 +15,10 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.proc import EXIT_BAD_INPUT, REPO_ROOT, ScriptRun, die_with_parent
+from activities.proc import REPO_ROOT, ScriptRun, die_with_parent
 from activities.status import StatusActivities
-from tenanttune.errors import InvalidDatasetError, TrainingFailedError
+from tenanttune import telemetry
+from tenanttune.errors import BaseModelError, InvalidDatasetError, TrainingFailedError
 from tenanttune.settings import TRAINING_QUEUE, Settings
 from tenanttune.types import (
     ExportRequest,
@@ -29,6 +30,7 @@ from tenanttune.types import (
 )
 from training import dataset
 from training.base_model import short_name
+from training.exits import EXIT_BAD_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,13 @@ class TrainingActivities:
         info = activity.info()
         run_dir = self.settings.runs_dir / req.job_id
         output_dir = run_dir / f"attempt-{info.attempt}"
+        allowed = {self.settings.base_model, *self.settings.allowed_base_models}
+        if req.base_model not in allowed:  # the API checks too; a worker trusts no request
+            raise ApplicationError(
+                f"base model {req.base_model!r} is not in this worker's ALLOWED_BASE_MODELS",
+                type=BaseModelError.__name__,
+                non_retryable=True,
+            )
         base = req.base_model or await self._tiny_base()
         resume = _checkpoint_from(info.heartbeat_details) or _latest_checkpoint(
             run_dir / "checkpoints"
@@ -134,7 +143,7 @@ class TrainingActivities:
         if resume:
             cmd += ["--resume-from-checkpoint", resume]
             log.info("job %s attempt %d resumes from %s", req.job_id, info.attempt, resume)
-        run = _TrainingRun(self.status, req.job_id, resume)
+        run = _TrainingRun(self.status, req.job_id, resume, self.settings)
         async with self._slots:
             await run.execute(cmd)
         metrics = json.loads((output_dir / "metrics.json").read_text())
@@ -220,10 +229,16 @@ class TrainingActivities:
 class _TrainingRun:
     """One training subprocess: its JSON lines turned into heartbeats and job progress."""
 
-    def __init__(self, status: StatusActivities, job_id: str, resume: str) -> None:
+    def __init__(
+        self, status: StatusActivities, job_id: str, resume: str, settings: Settings
+    ) -> None:
         self.status = status
         self.job_id = job_id
-        self.script = ScriptRun(self._on_event)
+        self.script = ScriptRun(
+            self._on_event,
+            memory_mb=settings.train_max_memory_mb,
+            wall_clock_s=settings.train_max_wall_clock_s,
+        )
         self.script.details = {"step": 0, "total": 0, "loss": None, "checkpoint": resume}
         self.error: dict[str, Any] | None = None
 
@@ -238,7 +253,7 @@ class _TrainingRun:
                 type=self.error.get("kind", TrainingFailedError.__name__),
                 non_retryable=True,
             )
-        raise ApplicationError(self.script.failure("training process"))
+        raise self.script.error("training process")
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         details = self.script.details
@@ -262,7 +277,23 @@ class _TrainingRun:
             details["checkpoint"] = event["path"]
         elif kind == "error":
             self.error = event
+        if kind in _PUBLISHED:
+            await self._publish(str(kind), event)
         activity.heartbeat(dict(details))
+
+    async def _publish(self, kind: str, event: dict[str, Any]) -> None:
+        """A step, eval or checkpoint as an event on the activity's span and the job's stream."""
+        fields = {k: event[k] for k in _PUBLISHED[kind] if k in event}
+        telemetry.add_span_event(kind, fields)
+        await self.status.record_event(TRAINING_QUEUE, self.job_id, {"type": kind, **fields})
+
+
+# The training script's events a job's followers see, with the fields they get.
+_PUBLISHED = {
+    "step": ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s"),
+    "eval": ("step", "eval_loss"),
+    "checkpoint": ("step",),
+}
 
 
 def _checkpoint_from(details: Any) -> str:

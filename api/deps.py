@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
+from api.limits import check_rate
 from tenanttune.auth import InvalidToken, Principal, decode_token
 from tenanttune.jobs import queue_of, valid_company_id
 from tenanttune.mirror import JobMirror
@@ -65,10 +66,17 @@ async def get_temporal(request: Request) -> Client:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The caller, from a valid bearer token; each call counts against its rate limit."""
+    principal = _decode(request, credentials)
+    await check_rate(request, principal)
+    return principal
+
+
+def _decode(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(

@@ -80,6 +80,12 @@ class TrainBody(JobOptionsBody):
         pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
         description="model version; default: the job id",
     )
+    baseModel: str | None = Field(
+        None,
+        max_length=200,
+        description="a base model from the server's allow-list (ALLOWED_BASE_MODELS); "
+        "default: its BASE_MODEL",
+    )
     autoDeploy: bool = Field(False, description="deploy the model when training succeeds")
     deployVersion: str | None = Field(
         None,
@@ -209,3 +215,27 @@ class Cleaned(BaseModel):
     queue: str
     state: str
     removed: list[str]
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: `detail` says what is wrong and what to do (a list for body errors)."""
+
+    detail: str | list[dict[str, Any]]
+    success: bool | None = None
+    message: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": description}
+    for code, description in {
+        400: "a malformed id or path (companyId, modelPath, version)",
+        401: "missing, malformed, expired or wrongly signed token (WWW-Authenticate: Bearer)",
+        403: "the token may not act for this company, or the route is admin-only",
+        404: "no such job (or another tenant's)",
+        409: "the job is not in a state that allows this",
+        413: "request body or upload over a limit",
+        422: "invalid body or unusable training data",
+        429: "rate limit or tenant job quota reached (Retry-After)",
+        503: "Temporal or Redis unreachable (Retry-After where known)",
+    }.items()
+}

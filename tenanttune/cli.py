@@ -463,5 +463,27 @@ def replay(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command()
+def selftest(
+    train: Annotated[bool, typer.Option(help="also run a one-step training job")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds the training job may take")] = 600,
+) -> None:
+    """Check Temporal, Redis, workers and the models dir, then train one step end to end."""
+    import asyncio
+
+    from tenanttune.selftest import Check, run_selftest
+
+    def report(check: Check) -> None:
+        mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
+        console.print(f"{mark} {check.name:<28} {check.detail}", highlight=False, soft_wrap=True)
+        if check.hint:
+            console.print(f"    hint: {check.hint}", highlight=False, soft_wrap=True)
+
+    checks = asyncio.run(run_selftest(get_settings(), report, train=train, timeout_s=timeout))
+    failed = [c.name for c in checks if not c.ok]
+    console.print(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
+    raise typer.Exit(1 if failed else 0)
+
+
 if __name__ == "__main__":
     app()

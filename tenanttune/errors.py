@@ -31,7 +31,17 @@ class VerificationFailedError(TenantTuneError):
     """The deployed model did not answer the verification prompt."""
 
 
+class DiskFullError(TenantTuneError):
+    """A disk filled up while writing checkpoints, weights or a GGUF (retryable: space can be
+    freed; the job's attempts bound it)."""
+
+
+class ResourceLimitError(TenantTuneError):
+    """A job went over one of its caps (memory, wall clock, token budget)."""
+
+
 NON_RETRYABLE_ERRORS = [
+    ResourceLimitError.__name__,
     InvalidModelError.__name__,
     VerificationFailedError.__name__,
     InvalidDatasetError.__name__,

@@ -22,10 +22,14 @@ LISTS = {JobState.WAITING: "wait", JobState.ACTIVE: "active", JobState.PAUSED: "
 ZSETS = {JobState.DELAYED: "delayed", JobState.COMPLETED: "completed", JobState.FAILED: "failed"}
 COLLECTIONS = {**LISTS, **ZSETS}
 _ORDER = list(COLLECTIONS)  # KEYS[2..7] in the scripts follow this order
+# A job's progress events (`<prefix>:<queue>:<jobId>:events`): newest ~EVENTS_MAX kept, a week.
+EVENTS_MAX = 5000
+EVENTS_TTL_S = 7 * 24 * 3600
 
-# KEYS: job hash, the six collections, the tenant's index. ARGV: job id, target index
-# (1-based into the six), score, only_if_new ("1": do nothing when the hash exists), keep
-# (retention of the target ZSET: -1 all, N newest N), the queue's key prefix, field/value pairs.
+# KEYS: job hash, the six collections, the tenant's index, the tenant's unfinished set.
+# ARGV: job id, target index (1-based into the six), score, only_if_new ("1": do nothing
+# when the hash exists), keep (retention of the target ZSET: -1 all, N newest N), the
+# queue's key prefix, field/value pairs.
 _MOVE = """
 local exists = redis.call('EXISTS', KEYS[1])
 if ARGV[4] == '1' and exists == 1 then return 0 end
@@ -38,6 +42,8 @@ if target <= 4 then redis.call('LPUSH', KEYS[target], ARGV[1])
 else redis.call('ZADD', KEYS[target], tonumber(ARGV[3]), ARGV[1]) end
 if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
 if exists == 0 then redis.call('ZADD', KEYS[8], tonumber(ARGV[3]), ARGV[1]) end
+if target <= 5 then redis.call('SADD', KEYS[9], ARGV[1])
+else redis.call('SREM', KEYS[9], ARGV[1]) end
 local keep = tonumber(ARGV[5])
 if keep == 0 and target > 4 then
   redis.call('ZREM', KEYS[target], ARGV[1])
@@ -128,7 +134,12 @@ class JobMirror:
 
     def _keys(self, queue: str, job_id: str, company_id: str) -> list[str]:
         collections = [self.key(queue, COLLECTIONS[s]) for s in _ORDER]
-        return [self.key(queue, job_id), *collections, self.key(queue, f"company:{company_id}")]
+        return [
+            self.key(queue, job_id),
+            *collections,
+            self.key(queue, f"company:{company_id}"),
+            self.key(queue, f"company:{company_id}:open"),
+        ]
 
     async def move(
         self,
@@ -214,10 +225,36 @@ class JobMirror:
                     pipe.lrem(key, 0, job_id)
                 else:
                     pipe.zrem(key, job_id)
-            pipe.delete(self.key(queue, job_id))
+            pipe.delete(self.key(queue, job_id), self.events_key(queue, job_id))
             if company:
                 pipe.zrem(self.key(queue, f"company:{company}"), job_id)
+                pipe.srem(self.key(queue, f"company:{company}:open"), job_id)
             await pipe.execute()
+
+    async def open_jobs(self, queue: str, company_id: str) -> list[str]:
+        """The tenant's jobs in this queue that the mirror counts as not finished."""
+        found = await self.redis.smembers(self.key(queue, f"company:{company_id}:open"))
+        return sorted(str(x) for x in found)
+
+    async def forget_open(self, queue: str, company_id: str, job_id: str) -> None:
+        """Stop counting a job Temporal has closed (its end never reached the mirror)."""
+        await self.redis.srem(self.key(queue, f"company:{company_id}:open"), job_id)
+
+    async def tenant_load(self, queues: list[str], company_id: str) -> tuple[int, int]:
+        """(running, queued) unfinished jobs of one tenant across `queues` — for its quotas."""
+        running = queued = 0
+        for queue in queues:
+            open_ids = await self.redis.smembers(self.key(queue, f"company:{company_id}:open"))
+            if not open_ids:
+                continue
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in open_ids:
+                    pipe.lpos(self.key(queue, COLLECTIONS[JobState.ACTIVE]), str(job_id))
+                found = await pipe.execute()
+            active = sum(1 for pos in found if pos is not None)
+            running += active
+            queued += len(found) - active
+        return running, queued
 
     async def clean(self, queue: str, state: JobState, grace_ms: int, limit: int) -> list[str]:
         """Remove finished jobs older than `grace_ms`, keeping the newest `limit` (Bull's clean)."""
@@ -278,6 +315,35 @@ class JobMirror:
             if hit is not None:
                 return state.value
         return None
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    def events_key(self, queue: str, job_id: str) -> str:
+        return self.key(queue, f"{job_id}:events")
+
+    async def add_event(self, queue: str, job_id: str, event: dict[str, Any]) -> str:
+        """Append to the job's progress stream (a Redis STREAM the SSE route follows)."""
+        key = self.events_key(queue, job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"data": json.dumps(event)}, maxlen=EVENTS_MAX, approximate=True)
+            pipe.expire(key, EVENTS_TTL_S)
+            entry_id, _ = await pipe.execute()
+        return str(entry_id)
+
+    async def events(
+        self, queue: str, job_id: str, after: str = "0-0", count: int = 500
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The job's events after stream id `after`, oldest first."""
+        found = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]],
+            await self.redis.xread({self.events_key(queue, job_id): after}, count=count),
+        )
+        return [
+            (str(entry_id), _json(fields.get("data"), {}))
+            for _, entries in found
+            for entry_id, fields in entries
+        ]
 
     async def counts(self, queue: str) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:

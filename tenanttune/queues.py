@@ -28,7 +28,7 @@ from tenanttune.jobs import JOB_KIND, JobState, control_workflow_id, queue_of
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE, Settings, get_settings
 from tenanttune.status_read import JobInfo, find_job, job_from_temporal
-from tenanttune.temporal import COMPANY_ID, connect, job_search_attributes
+from tenanttune.temporal import COMPANY_ID, connect, job_start_metadata, queue_control_metadata
 from tenanttune.types import DeployRequest, QueueState, TrainRequest
 
 ClientFactory = Callable[[], Awaitable[Client]]
@@ -181,13 +181,15 @@ class Queue:
                     },
                     company_id=company,
                 )
+                if moved:  # the new run's event stream starts empty, not with the old failure
+                    await self.mirror.redis.delete(self.mirror.events_key(self.name, job_id))
         try:
             await client.start_workflow(
                 run,
                 arg,
                 id=job_id,
                 task_queue=self.name,
-                search_attributes=job_search_attributes(company, JOB_KIND[self.name]),
+                **job_start_metadata(arg),
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                 memo={"attemptsBefore": arg.options.attempts_before},
                 priority=Priority(priority_key=arg.options.priority)
@@ -277,6 +279,7 @@ class Queue:
             task_queue=self.name,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             start_signal=signal,
+            **queue_control_metadata(self.name),
         )
 
     async def clean(self, grace_ms: int, limit: int, state: str = "completed") -> list[str]:

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TRAINING_QUEUE = "model-training"
@@ -15,6 +15,16 @@ QUEUES = (TRAINING_QUEUE, DEPLOYMENT_QUEUE)
 
 # Used only when ENVIRONMENT=development; the API refuses to sign or accept it elsewhere.
 DEV_JWT_SECRET = "tenanttune-dev-secret-change-me-0123456789"
+
+
+class TenantLimits(BaseModel):
+    """One tenant's own limits; a field left out keeps the global setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_running_jobs: int | None = Field(default=None, ge=1)
+    max_queued_jobs: int | None = Field(default=None, ge=1)
+    rate_limit_per_minute: int | None = Field(default=None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -44,6 +54,8 @@ class Settings(BaseSettings):
     ollama_quantize: str = ""
     deploy_max_attempts: int = 5
     deploy_retry_initial_s: float = 2.0
+    # A deployment worker that dies mid-step is noticed after this long; the step is retried.
+    deploy_heartbeat_timeout_s: int = Field(default=120, ge=15)
     convert_timeout_s: int = 3600
     verify_max_tokens: int = 32
 
@@ -60,6 +72,17 @@ class Settings(BaseSettings):
     api_port: int = 8000
     jwt_secret: str = DEV_JWT_SECRET
     jwt_ttl_s: int = 24 * 3600
+    # Tokens (README "Security"): HS256 with JWT_SECRET, or RS256 verified with a PEM public
+    # key or a JWKS file (keys picked by the token's `kid`). Only this one algorithm is accepted.
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_private_key_file: Path | None = Field(
+        default=None, description="RS256 only: lets `tenanttune token` mint tokens (dev, tests)"
+    )
+    jwt_key_id: str = ""
+    jwt_issuer: str = Field(default="", description="when set, tokens must carry this `iss`")
+    jwt_audience: str = Field(default="", description="when set, tokens must carry this `aud`")
 
     # Dataset rules
     min_examples: int = Field(
@@ -70,6 +93,22 @@ class Settings(BaseSettings):
     )
     validation_share: float = Field(default=0.1, ge=0.0, lt=0.5)
     max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_lines: int = Field(default=200_000, description="lines in one uploaded JSONL file")
+
+    # Tenant limits (README "Security"). Each can be overridden per tenant with TENANT_LIMITS,
+    # e.g. '{"acme": {"max_running_jobs": 4, "rate_limit_per_minute": 1200}}'.
+    tenant_max_running_jobs: int = Field(default=3, ge=1, description="a tenant's active jobs")
+    tenant_max_queued_jobs: int = Field(
+        default=20, ge=1, description="a tenant's waiting, delayed and paused jobs"
+    )
+    metrics_token: str = Field(
+        default="", description="bearer token the Prometheus scraper sends to the API's /metrics"
+    )
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="requests per token subject per minute; 0: no limit"
+    )
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
+    quota_retry_after_s: int = Field(default=30, ge=1, description="Retry-After of a quota 429")
 
     # Training activity
     train_timeout_s: int = Field(
@@ -78,7 +117,47 @@ class Settings(BaseSettings):
     train_heartbeat_timeout_s: int = 60
     train_save_steps: int = 10
     train_max_seq_len: int = 256
+    # Caps on one training job (README "Security"): refused before it runs, or stopped by the OS.
+    train_max_token_budget: int = Field(
+        default=20_000_000, description="epochs × dataset tokens (estimated) one job may train"
+    )
+    train_max_seq_len_limit: int = Field(default=2048, description="largest maxSeqLength allowed")
+    train_max_memory_mb: int = Field(
+        default=24_576, ge=0, description="address-space limit (RLIMIT_AS) of a training process"
+    )
+    train_max_wall_clock_s: int = Field(
+        default=4 * 3600, ge=0, description="a training process is stopped after this long"
+    )
+    allowed_base_models: list[str] = Field(
+        default_factory=list,
+        description="base models a request may name (`baseModel`); BASE_MODEL is always allowed",
+    )
     worker_max_concurrent_trainings: int = 1
+
+    # Operations: traces, metrics, logs (see README "Operations")
+    otel_exporter_otlp_endpoint: str = Field(
+        default="", description="OTLP/HTTP collector base URL; empty: spans are not exported"
+    )
+    otel_service_name: str = ""
+    worker_metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address of a worker's metrics (they name tenants): keep it internal",
+    )
+    worker_metrics_port: int = Field(
+        default=9464, description="Prometheus port of a worker process; 0: none"
+    )
+    metrics_max_tenants: int = Field(
+        default=100, description="tenants with their own metrics label; the rest are `_other`"
+    )
+    log_format: Literal["text", "json"] = "text"
+
+    def limit(self, company_id: str, name: str) -> int:
+        """A tenant's limit `name`: its TENANT_LIMITS override, else the global setting."""
+        override = self.tenant_limits.get(company_id)
+        value = getattr(override, name, None) if override else None
+        if value is not None:
+            return int(value)
+        return int(getattr(self, "tenant_" + name if name.endswith("jobs") else name))
 
     @property
     def tiny_base_dir(self) -> Path:

@@ -69,7 +69,11 @@ TEMPORAL_DYNAMIC_CONFIG = (
     "matching.numTaskqueueWritePartitions=1",
     "matching.enableFairness=true",
 )
-TEMPORAL_SEARCH_ATTRIBUTES = {"CompanyId": "Keyword", "JobKind": "Keyword"}
+TEMPORAL_SEARCH_ATTRIBUTES = {
+    "CompanyId": "Keyword",
+    "JobKind": "Keyword",
+    "ModelVersion": "Keyword",
+}
 
 _PR_SET_PDEATHSIG = 1
 

@@ -56,6 +56,7 @@ class TrainRequest:
     deploy_outtype: str = "f16"
     deploy_quantize: str = ""
     deploy_options: JobOptions = field(default_factory=JobOptions)
+    deploy_heartbeat_timeout_s: int = 120
 
 
 @dataclass
@@ -141,6 +142,7 @@ class StatusUpdate:
     company_id: str = ""
     name: str = ""
     keep: int = -1  # retention in the target collection: -1 all, 0 none, N newest N
+    duration_s: float | None = None  # completed/failed: seconds since the run started
 
 
 @dataclass
@@ -155,6 +157,8 @@ class DeployRequest:
     quantize: str = ""
     source_job: str = ""
     options: JobOptions = field(default_factory=JobOptions)
+    # A worker that dies mid-step is noticed after this long, and the step retried elsewhere.
+    heartbeat_timeout_s: int = 120
 
 
 @dataclass

@@ -88,11 +88,11 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
 async def temporal_env(settings: Settings) -> AsyncIterator[Any]:
     from temporalio.testing import WorkflowEnvironment
 
-    from tenanttune.temporal import COMPANY_ID, JOB_KIND
+    from tenanttune.temporal import SEARCH_ATTRIBUTES
 
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_BIN),
-        search_attributes=[COMPANY_ID, JOB_KIND],
+        search_attributes=list(SEARCH_ATTRIBUTES),
         # Strict priorities and FIFO ties need these on the dev server (see NOTES.md).
         dev_server_extra_args=[
             "--dynamic-config-value",
@@ -143,7 +143,17 @@ def no_leftover_training() -> Iterator[None]:
     assert not training_processes(), "a training subprocess outlived its job"
 
 
-def training_processes(marker: str = "training.train") -> list[int]:
+_SESSION_TMP: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _SESSION_TMP.append(str(tmp_path_factory.getbasetemp()))
+
+
+def training_processes(marker: str = "training.train", containing: str = "") -> list[int]:
+    """Training subprocesses started by this test session (their paths lie under its temp dir),
+    so another session or a benchmark on the same machine is not counted."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -151,6 +161,6 @@ def training_processes(marker: str = "training.train") -> list[int]:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if f"-m {marker}" in cmd:
+            if f"-m {marker}" in cmd and containing in cmd and all(r in cmd for r in _SESSION_TMP):
                 pids.append(int(proc.name))
     return pids

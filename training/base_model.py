@@ -48,16 +48,25 @@ def _corpus_lines(examples_dir: Path) -> list[str]:
     return lines
 
 
-def tiny_fingerprint(examples_dir: Path = EXAMPLES_DIR) -> str:
-    h = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode())
+def tiny_fingerprint(
+    examples_dir: Path = EXAMPLES_DIR, config: dict[str, int] | None = None
+) -> str:
+    h = hashlib.sha256(json.dumps(config or TINY_CONFIG, sort_keys=True).encode())
     for path in sorted(examples_dir.glob("tenants/*/*.jsonl")):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def build_tiny_base(target: Path, examples_dir: Path = EXAMPLES_DIR) -> Path:
-    """Build (or reuse) the tiny base model at `target`. Safe to call from several processes."""
-    fingerprint = tiny_fingerprint(examples_dir)
+def build_tiny_base(
+    target: Path, examples_dir: Path = EXAMPLES_DIR, config: dict[str, int] | None = None
+) -> Path:
+    """Build (or reuse) the tiny base model at `target`. Safe to call from several processes.
+
+    `config` (keys as in TINY_CONFIG) builds a bigger model of the same kind, e.g. the ~30M
+    one the training benchmark uses; the default is the tiny model of tests and the demo.
+    """
+    config = config or TINY_CONFIG
+    fingerprint = tiny_fingerprint(examples_dir, config)
     stamp = target / "tenanttune-base.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return target
@@ -68,8 +77,8 @@ def build_tiny_base(target: Path, examples_dir: Path = EXAMPLES_DIR) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _build(tmp, examples_dir)
-            stamp_data = {"fingerprint": fingerprint, "config": TINY_CONFIG}
+            _build(tmp, examples_dir, config)
+            stamp_data = {"fingerprint": fingerprint, "config": config}
             (tmp / "tenanttune-base.json").write_text(json.dumps(stamp_data, indent=2))
             if target.exists():
                 shutil.rmtree(target)
@@ -79,7 +88,7 @@ def build_tiny_base(target: Path, examples_dir: Path = EXAMPLES_DIR) -> Path:
     return target
 
 
-def _build(out: Path, examples_dir: Path) -> None:
+def _build(out: Path, examples_dir: Path, config: dict[str, int]) -> None:
     import sentencepiece as spm
     import torch
     from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
@@ -89,7 +98,7 @@ def _build(out: Path, examples_dir: Path) -> None:
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(out / "tokenizer"),
-        vocab_size=TINY_CONFIG["vocab_size"],
+        vocab_size=config["vocab_size"],
         model_type="bpe",
         character_coverage=1.0,
         byte_fallback=True,
@@ -112,20 +121,20 @@ def _build(out: Path, examples_dir: Path) -> None:
             raise RuntimeError(f"tokenizer does not round-trip {text!r}: got {back!r} from {ids}")
     tok.save_pretrained(str(out))
 
-    torch.manual_seed(TINY_CONFIG["seed"])
-    config = MistralConfig(
+    torch.manual_seed(config["seed"])
+    model_config = MistralConfig(
         vocab_size=tok.vocab_size,
-        hidden_size=TINY_CONFIG["hidden_size"],
-        intermediate_size=TINY_CONFIG["intermediate_size"],
-        num_hidden_layers=TINY_CONFIG["num_hidden_layers"],
-        num_attention_heads=TINY_CONFIG["num_attention_heads"],
-        num_key_value_heads=TINY_CONFIG["num_key_value_heads"],
-        max_position_embeddings=TINY_CONFIG["max_position_embeddings"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        max_position_embeddings=config["max_position_embeddings"],
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
-    MistralForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    MistralForCausalLM(model_config).save_pretrained(str(out), safe_serialization=True)
 
 
 def resolve_base_model(configured: str, tiny_dir: Path) -> str:

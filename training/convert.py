@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from training.exits import EXIT_BAD_INPUT, EXIT_NO_SPACE, disk_full_message, is_disk_full
+
 OUTTYPES = ("f16", "q8_0")
 # Files the converter reads besides the weights (tokenizer.model: SentencePiece vocab).
 TOKENIZER_FILES = (
@@ -188,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         info = convert_model(args.model, args.outfile, args.outtype, args.base_model)
     except ConversionError as exc:
         print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
-        return 3
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a full disk can surface from any writer (torch, safetensors)
+        if not is_disk_full(exc):
+            raise
+        message = disk_full_message(exc, args.outfile.parent)
+        print(json.dumps({"event": "error", "message": message}), flush=True)
+        return EXIT_NO_SPACE
     print(json.dumps({"event": "done", **asdict(info)}), flush=True)
     return 0
 

@@ -27,7 +27,16 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_INPUT = 3
+from training.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_NO_MEMORY,
+    EXIT_NO_SPACE,
+    disk_full_message,
+    is_disk_full,
+    is_out_of_memory,
+)
+
+_LOADED_AT = time.perf_counter()  # before torch and transformers are imported
 
 
 @dataclass
@@ -200,9 +209,11 @@ def evaluate(model: Any, data: list[tuple[list[int], list[int]]], pad_id: int, b
 
     model.eval()
     total, count = 0.0, 0
+    # Batches of similar length: less padding to compute; the sum does not depend on order.
+    ordered = sorted(data, key=lambda item: len(item[0]))
     with torch.no_grad():
-        for start in range(0, len(data), bs):
-            batch = collate(data[start : start + bs], pad_id)
+        for start in range(0, len(ordered), bs):
+            batch = collate(ordered[start : start + bs], pad_id)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
@@ -232,7 +243,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            # Dropout draws from it: a resumed run continues the same random stream.
+            "rng": torch.get_rng_state(),
+        },
         tmp / "optimizer.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -257,6 +273,8 @@ def load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> d
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if "rng" in opt:  # checkpoints written before it was saved resume all the same
+        torch.set_rng_state(opt["rng"])
     state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
     return state
 
@@ -282,6 +300,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not train_data:
         raise BadInput("InvalidDatasetError", f"no trainable examples in {cfg.train_file}")
     lengths = [len(ids) for ids, _ in train_data]
+    # Per example, the tokens whose next token is learned: the loss's denominator, counted once.
+    n_targets_of = [sum(lab != -100 for lab in labels[1:]) for _, labels in train_data]
 
     batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -315,17 +335,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resumed_from_step=resumed_from,
         train_examples=len(train_data),
         eval_examples=len(eval_data),
+        load_s=round(time.perf_counter() - _LOADED_AT, 3),
     )
 
+    eval_s = 0.0
     if eval_data and not state["eval_history"]:
+        t_eval = time.perf_counter()
         first = evaluate(model, eval_data, pad_id, cfg.batch_size)
+        eval_s += time.perf_counter() - t_eval
         state["eval_history"].append([0, first])
         emit("eval", step=0, eval_loss=first)
 
     model.train()
     step = resumed_from
     started = time.perf_counter()
-    tokens_this_run = 0
+    tokens_this_run, computed_this_run, eval_in_loop_s = 0, 0, 0.0
     while step < total_steps:
         epoch = step // steps_per_epoch
         batches = epoch_batches(len(train_data), lengths, cfg.batch_size, cfg.seed + epoch)
@@ -333,15 +357,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for group_start in range(first_batch, len(batches), cfg.grad_accum):
             t0 = time.perf_counter()
             group = batches[group_start : group_start + cfg.grad_accum]
-            n_targets = sum(
-                sum(lab != -100 for lab in train_data[i][1][1:]) for b in group for i in b
-            )
-            step_loss, step_tokens = 0.0, 0
+            n_targets = sum(n_targets_of[i] for b in group for i in b)
+            step_loss_t = torch.zeros(())
+            step_tokens = 0
             for batch_idx in group:
                 batch = collate([train_data[i] for i in batch_idx], pad_id)
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
+                real = sum(lengths[i] for i in batch_idx)
+                step_tokens += real
+                computed_this_run += batch["input_ids"].numel()
+                # No padding in this batch: no mask, so attention takes its plain causal path.
+                mask = batch["attention_mask"] if real < batch["input_ids"].numel() else None
+                logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
                 loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.size(-1)),
                     batch["labels"][:, 1:].reshape(-1),
@@ -349,13 +375,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     reduction="sum",
                 ) / max(n_targets, 1)
                 loss.backward()
-                step_loss += float(loss.detach())
-                step_tokens += int(batch["attention_mask"].sum())
+                step_loss_t += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # One read of the loss per optimizer step (not per micro-batch): on an accelerator
+            # each read waits for the device.
+            step_loss = float(step_loss_t)
             tokens_this_run += step_tokens
             state["train_tokens"] += step_tokens
             state["loss_history"].append([step, step_loss])
@@ -370,7 +398,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
             end_of_epoch = step % steps_per_epoch == 0
             if eval_data and (end_of_epoch or step == total_steps):
+                t_eval = time.perf_counter()
                 eval_loss = evaluate(model, eval_data, pad_id, cfg.batch_size)
+                eval_in_loop_s += time.perf_counter() - t_eval
                 state["eval_history"].append([step, eval_loss])
                 emit("eval", step=step, eval_loss=eval_loss)
             state["step"] = step
@@ -381,6 +411,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 break
 
     runtime = time.perf_counter() - started
+    train_s = runtime - eval_in_loop_s  # optimizer steps and checkpoints, not evaluation
     metrics = {
         "steps": step,
         "total_steps": total_steps,
@@ -391,8 +422,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "first_eval_loss": state["eval_history"][0][1] if state["eval_history"] else None,
         "eval_loss": state["eval_history"][-1][1] if state["eval_history"] else None,
         "train_tokens": state["train_tokens"],
-        "tokens_per_s": round(tokens_this_run / runtime, 1) if runtime > 0 else 0.0,
+        "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else 0.0,
         "runtime_s": round(runtime, 3),
+        "train_s": round(train_s, 3),
+        "eval_s": round(eval_s + eval_in_loop_s, 3),
+        "computed_tokens": computed_this_run,
         "train_examples": len(train_data),
         "eval_examples": len(eval_data),
     }
@@ -448,6 +482,16 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as exc:
         emit("error", kind=exc.kind, message=str(exc))
         return EXIT_BAD_INPUT
+    except Exception as exc:  # a full disk can surface from any writer (torch, safetensors)
+        if is_out_of_memory(exc):
+            why = str(exc) or type(exc).__name__
+            emit("error", kind="ResourceLimitError", message=f"out of memory: {why}"[:500])
+            return EXIT_NO_MEMORY
+        if not is_disk_full(exc):
+            raise
+        near = Path(cfg.checkpoint_dir or cfg.output_dir)
+        emit("error", kind="DiskFullError", message=disk_full_message(exc, near))
+        return EXIT_NO_SPACE
     return 0
 
 

@@ -126,6 +126,10 @@ class JobWorkflow:
         await wait_while_paused(self.QUEUE, lambda: self._released, paused)
 
     async def _status(self, req: JobRequest, state: JobState, **fields: object) -> None:
+        if state in (JobState.COMPLETED, JobState.FAILED):
+            # For the job-duration histogram; workflow time, so replay gives the same value.
+            started = workflow.info().start_time
+            fields.setdefault("duration_s", (workflow.now() - started).total_seconds())
         await mirror_status(
             StatusUpdate(
                 job_id=req.job_id,

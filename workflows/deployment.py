@@ -60,7 +60,7 @@ class DeploymentWorkflow(JobWorkflow):
                     outtype=req.outtype,
                 ),
                 start_to_close_timeout=timedelta(hours=2),
-                heartbeat_timeout=timedelta(minutes=2),
+                heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout_s),
                 retry_policy=retry_policy(req.options),
             )
             self._stage, self._progress = "deploying", 40.0
@@ -77,6 +77,7 @@ class DeploymentWorkflow(JobWorkflow):
                     quantize=req.quantize,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout_s),
                 retry_policy=retry_policy(req.options),
             )
             self._stage, self._progress = "verifying", 70.0
@@ -84,7 +85,7 @@ class DeploymentWorkflow(JobWorkflow):
                 DeploymentActivities.verify_deployment,
                 VerifyRequest(job_id=req.job_id, company_id=req.company_id, published=published),
                 start_to_close_timeout=timedelta(minutes=15),
-                heartbeat_timeout=timedelta(minutes=2),
+                heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout_s),
                 retry_policy=VERIFY_RETRY,
             )
             await workflow.execute_activity_method(

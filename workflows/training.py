@@ -148,10 +148,12 @@ class TrainingWorkflow(JobWorkflow):
                     outtype=req.deploy_outtype,
                     quantize=req.deploy_quantize,
                     options=req.deploy_options,
+                    heartbeat_timeout_s=req.deploy_heartbeat_timeout_s,
                 ),
                 id=job_id,
                 task_queue=DEPLOYMENT_QUEUE,
-                search_attributes=job_search_attributes(req.company_id, "deployment"),
+                search_attributes=job_search_attributes(req.company_id, "deployment", version),
+                static_summary=f"deploy {name} for {req.company_id} (from {req.job_id})",
             )
         except ChildWorkflowError as err:
             if is_cancelled_exception(err):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, UploadFile, status
 from fastapi.responses import JSONResponse
 
 from api.deps import CurrentTenant, SettingsDep
-from api.schemas import DatasetReportOut, DatasetUploaded, LineErrorOut
+from api.schemas import DatasetReportOut, DatasetUploaded, ErrorOut, LineErrorOut
 from training import dataset
 
 router = APIRouter(prefix="/api/ai/datasets", tags=["datasets"])
@@ -33,6 +33,34 @@ def _report_out(report: dataset.DatasetReport, filename: str) -> DatasetReportOu
     )
 
 
+class _LineLimits:
+    """Counts lines and their lengths as the upload streams in; 413 past either limit."""
+
+    def __init__(self, max_lines: int, max_line_bytes: int) -> None:
+        self.max_lines, self.max_line_bytes = max_lines, max_line_bytes
+        self.lines, self.current = 0, 0
+
+    def feed(self, chunk: bytes) -> None:
+        parts = chunk.split(b"\n")
+        for i, part in enumerate(parts):
+            self.current += len(part)
+            if self.current > self.max_line_bytes:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    f"line {self.lines + 1} is longer than the {self.max_line_bytes} byte limit "
+                    "of one example",
+                )
+            if i < len(parts) - 1:  # a newline ends this line
+                self.lines += 1
+                self.current = 0
+                if self.lines > self.max_lines:
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE,
+                        f"the file has more than {self.max_lines} lines (MAX_UPLOAD_LINES); "
+                        "split it into several uploads",
+                    )
+
+
 def _safe_name(filename: str | None) -> str:
     stem = Path(filename or "").stem
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip("._")[:80]
@@ -43,7 +71,12 @@ def _safe_name(filename: str | None) -> str:
     "/{company_id}",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetUploaded,
-    responses={422: {"model": DatasetUploaded, "description": "no usable example; nothing stored"}},
+    responses={
+        422: {
+            "model": DatasetUploaded | ErrorOut,
+            "description": "no usable example (nothing stored), or no file in the form",
+        }
+    },
 )
 async def upload_dataset(
     company_id: CurrentTenant, file: UploadFile, settings: SettingsDep
@@ -56,6 +89,7 @@ async def upload_dataset(
     tmp = Path(tmp_name)
     try:
         size = 0
+        limits = _LineLimits(settings.max_upload_lines, dataset.MAX_LINE_BYTES)
         with open(fd, "wb") as out:
             while chunk := await file.read(_CHUNK):
                 size += len(chunk)
@@ -64,6 +98,7 @@ async def upload_dataset(
                         status.HTTP_413_CONTENT_TOO_LARGE,
                         f"the file is larger than the {settings.max_upload_bytes} byte limit",
                     )
+                limits.feed(chunk)
                 out.write(chunk)
         report, _ = await asyncio.to_thread(dataset.analyze, [tmp], settings.max_example_chars)
         report_out = _report_out(report, name)

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from temporalio.service import RPCError
 
-from api.deps import CurrentPrincipal, CurrentTenant, get_queue_for_job, get_queues
+from api.deps import CurrentPrincipal, CurrentTenant, get_queue_for_job, get_queues, get_temporal
+from api.limits import check_job_quota, tenant_submission_lock
 from api.schemas import Job, JobAction
 from tenanttune.jobs import JobState
 from tenanttune.queues import JobStateError, Queue
@@ -35,7 +36,11 @@ async def get_job(job_id: str, request: Request, principal: CurrentPrincipal) ->
 @router.post("/jobs/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED)
 async def retry_job(job_id: str, request: Request, principal: CurrentPrincipal) -> JobAction:
     """Run a failed job again (a new run under the same job id; attemptsMade grows)."""
-    queue, _ = await _own_job(job_id, request, principal)
+    queue, job = await _own_job(job_id, request, principal)
+    if job.state == "failed":  # a retry is one more unfinished job: the tenant's quota holds
+        client = await get_temporal(request)
+        async with tenant_submission_lock(queue.mirror, job.companyId):
+            await check_job_quota(request.app.state.settings, queue.mirror, client, job.companyId)
     try:
         await queue.retry(job_id)
     except JobStateError as exc:

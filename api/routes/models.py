@@ -25,6 +25,7 @@ from api.deps import (
     TemporalUnavailable,
     get_temporal,
 )
+from api.limits import check_job_quota, tenant_submission_lock
 from api.model_paths import ModelPathError, resolve_model_path
 from api.schemas import (
     DeployAccepted,
@@ -34,10 +35,10 @@ from api.schemas import (
     TrainBody,
     TrainFallback,
 )
-from tenanttune.jobs import JOB_KIND, model_name, new_job_id, valid_tag
+from tenanttune.jobs import model_name, new_job_id, valid_tag
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE, Settings
-from tenanttune.temporal import job_search_attributes
+from tenanttune.temporal import job_start_metadata
 from tenanttune.types import DeployRequest, JobOptions, TrainingHyperparameters, TrainRequest
 from training import dataset
 from training.base_model import short_name
@@ -68,26 +69,32 @@ async def _queue(
     client = await get_temporal(request)
     options = arg.options
     added = False
-    try:
-        added = await mirror.add(
-            queue,
-            job_id,
-            name=name,
-            company_id=company_id,
-            data=body.model_dump(exclude_none=True, exclude=OPTION_FIELDS),
-            opts=body.model_dump(exclude_none=True, include=OPTION_FIELDS),
-            delay_ms=options.delay_ms,
-            priority=options.priority,
-        )
-    except (RedisError, OSError):
-        pass  # the mirror is a cache; Temporal answers status queries without it
+    async with tenant_submission_lock(mirror, company_id):
+        existing = None
+        with contextlib.suppress(RedisError, OSError):
+            existing = await mirror.state_of(queue, job_id)
+        if existing is None:  # the same Idempotency-Key again is an answer, not a new job
+            await check_job_quota(request.app.state.settings, mirror, client, company_id)
+        try:
+            added = await mirror.add(
+                queue,
+                job_id,
+                name=name,
+                company_id=company_id,
+                data=body.model_dump(exclude_none=True, exclude=OPTION_FIELDS),
+                opts=body.model_dump(exclude_none=True, include=OPTION_FIELDS),
+                delay_ms=options.delay_ms,
+                priority=options.priority,
+            )
+        except (RedisError, OSError):
+            pass  # the mirror is a cache; Temporal answers status queries without it
     try:
         await client.start_workflow(
             workflow_run,
             arg,
             id=job_id,
             task_queue=queue,
-            search_attributes=job_search_attributes(company_id, JOB_KIND[queue]),
+            **job_start_metadata(arg),  # search attributes, Web UI summary
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             memo={"attemptsBefore": options.attempts_before},
@@ -107,6 +114,45 @@ async def _queue(
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"could not queue the job: {exc.message}"
         ) from exc
+
+
+CHARS_PER_TOKEN = 4  # a common estimate for English text with a BPE/SentencePiece tokenizer
+
+
+def _allowed_base(body: TrainBody, settings: Settings) -> str:
+    """The base model to train on: BASE_MODEL, or one named from ALLOWED_BASE_MODELS."""
+    if body.baseModel is None or body.baseModel == settings.base_model:
+        return settings.base_model
+    if body.baseModel not in settings.allowed_base_models:
+        allowed = [settings.base_model or "(the built-in tiny model)"]
+        allowed += settings.allowed_base_models
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"baseModel {body.baseModel!r} is not allowed on this server; allowed: {allowed} "
+            "(ALLOWED_BASE_MODELS)",
+        )
+    return body.baseModel
+
+
+def _check_training_caps(
+    body: TrainBody, examples: list[dataset.Example], settings: Settings
+) -> None:
+    """Refuse, before anything runs, a job over the server's sequence or token budget."""
+    if body.maxSeqLength > settings.train_max_seq_len_limit:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"maxSeqLength {body.maxSeqLength} is over this server's limit of "
+            f"{settings.train_max_seq_len_limit} (TRAIN_MAX_SEQ_LEN_LIMIT)",
+        )
+    per_epoch = sum(min(e.chars // CHARS_PER_TOKEN + 1, body.maxSeqLength) for e in examples)
+    total = per_epoch * body.epochs
+    if total > settings.train_max_token_budget:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"this job would train about {total:,} tokens ({body.epochs} epochs x ~{per_epoch:,} "
+            f"tokens of data), over the budget of {settings.train_max_token_budget:,} "
+            "(TRAIN_MAX_TOKEN_BUDGET); lower epochs or maxSeqLength",
+        )
 
 
 def _idempotency(body: JobOptionsBody, header: str | None) -> str | None:
@@ -135,7 +181,7 @@ async def train(
             f"company '{company_id}' has no training data: upload a JSONL file with "
             f"POST /api/ai/datasets/{company_id}",
         )
-    report, _ = await asyncio.to_thread(dataset.analyze, files, settings.max_example_chars)
+    report, examples = await asyncio.to_thread(dataset.analyze, files, settings.max_example_chars)
     problem = report.problem()
     if not problem and report.usable < settings.min_examples:
         problem = f"only {report.usable} usable examples; at least {settings.min_examples} needed"
@@ -144,6 +190,8 @@ async def train(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"training data of company '{company_id}' is not usable: {problem}",
         )
+    base_model = _allowed_base(body, settings)
+    _check_training_caps(body, examples, settings)
     connector: TemporalConnector = request.app.state.temporal
     try:
         await connector.get()
@@ -166,7 +214,7 @@ async def train(
         job_id=job_id,
         company_id=company_id,
         hyperparameters=hp,
-        base_model=settings.base_model,
+        base_model=base_model,
         version=body.version or "",
         train_timeout_s=settings.train_timeout_s,
         heartbeat_timeout_s=settings.train_heartbeat_timeout_s,
@@ -181,6 +229,7 @@ async def train(
             attempts=settings.deploy_max_attempts,
             backoff_delay_ms=int(settings.deploy_retry_initial_s * 1000),
         ),
+        deploy_heartbeat_timeout_s=settings.deploy_heartbeat_timeout_s,
     )
     await _queue(
         request,
@@ -241,6 +290,7 @@ async def deploy(
             default_attempts=settings.deploy_max_attempts,
             default_backoff_ms=int(settings.deploy_retry_initial_s * 1000),
         ),
+        heartbeat_timeout_s=settings.deploy_heartbeat_timeout_s,
     )
     await _queue(
         request,

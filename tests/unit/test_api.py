@@ -145,3 +145,20 @@ async def test_reserved_company_ids_are_400(api: httpx.AsyncClient, settings: Se
         json={"modelPath": "x", "version": "1"},
     )
     assert r.status_code == 400 and "reserved" in r.json()["detail"]
+
+
+async def test_metrics_need_the_scrape_token_when_one_is_set(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    settings.metrics_token = "scrape-secret"
+    try:
+        r = await api.get("/metrics")
+        assert r.status_code == 401 and "METRICS_TOKEN" in r.json()["detail"]
+        r = await api.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert r.status_code == 200 and "tenanttune_" in r.text
+        settings.metrics_token = ""
+        settings.environment = "production"
+        assert (await api.get("/metrics")).status_code == 403  # tenant names stay private
+    finally:
+        settings.metrics_token = ""
+        settings.environment = "development"

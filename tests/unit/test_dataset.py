@@ -24,6 +24,7 @@ def write(tmp_path: Path, lines: list[str | bytes], name: str = "d.jsonl") -> Pa
         (b"[1, 2]", "expected a JSON object"),
         (b"\xff\xfe{}", "not valid UTF-8"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"messages": [], "n": ' + b"9" * 50_000 + b"}", "not valid JSON"),  # huge number
         (b'{"text": "hi"}', 'expected a "messages" list'),
         (b'{"messages": []}', "non-empty list"),
         (b'{"messages": [{"role": "bot", "content": "x"}]}', "role must be one of"),
@@ -130,3 +131,20 @@ def test_shipped_examples_are_clean_and_large() -> None:
         assert report.usable >= 250, tenant
         assert report.invalid == 0 and report.duplicates == 0
         assert report.quality_score > 0.9
+
+
+def test_upload_line_limits_hold_across_chunk_boundaries() -> None:
+    from fastapi import HTTPException
+
+    from api.routes.datasets import _LineLimits
+
+    limits = _LineLimits(max_lines=3, max_line_bytes=10)
+    for chunk in (b"0123", b"45678\n01", b"23456789\n"):  # lines of 9 and 10 bytes, split
+        limits.feed(chunk)
+    assert limits.lines == 2
+    with pytest.raises(HTTPException, match="line 3 is longer than the 10 byte limit"):
+        limits.feed(b"0123456" + b"7890")  # 11 bytes across two feeds of one chunk
+    many = _LineLimits(max_lines=3, max_line_bytes=10)
+    many.feed(b"a\nb\nc\n")
+    with pytest.raises(HTTPException, match="more than 3 lines"):
+        many.feed(b"d\n")

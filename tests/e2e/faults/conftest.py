@@ -120,6 +120,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         # Short, so a dead worker's activity is noticed in seconds, not a minute.
         train_heartbeat_timeout_s=10,
         train_save_steps=5,
+        deploy_heartbeat_timeout_s=15,
     )
     env = {
         **os.environ,
@@ -131,6 +132,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         "REDIS_URL": redis_url,
         "TRAIN_HEARTBEAT_TIMEOUT_S": "10",
         "TRAIN_SAVE_STEPS": "5",
+        "DEPLOY_HEARTBEAT_TIMEOUT_S": "15",
     }
     stack.start_detached(settings, components=("temporal",))
     c = Cluster(settings, env, tmp_path)

@@ -52,18 +52,20 @@ def test_job_completes_with_redis_down_and_the_mirror_is_rebuilt(
     seed_tenant(cluster.settings, "norediss", lines=80)
     cluster.start("api")
     cluster.start("worker")
-    # Redis goes away before the job is even submitted, and stays away until it finished.
-    subprocess.run(["redis-cli", "-p", str(own_redis), "shutdown", "nosave"], check=False)
     import httpx
 
-    r = httpx.post(
-        f"{cluster.api_url}/api/ai/models/norediss/train",
-        json={"epochs": 2, "batchSize": 8, "learningRate": 0.003},
-        headers=cluster.headers("norediss"),
-        timeout=60,
-    )
+    body = {"epochs": 2, "batchSize": 8, "learningRate": 0.003}
+    url = f"{cluster.api_url}/api/ai/models/norediss/train"
+    r = httpx.post(url, json=body, headers=cluster.headers("norediss"), timeout=60)
     assert r.status_code == 202, r.text
     job_id = r.json()["jobId"]
+    # Redis goes away right after the job is accepted (before it runs) and stays away until
+    # it has finished.
+    subprocess.run(["redis-cli", "-p", str(own_redis), "shutdown", "nosave"], check=False)
+    # Meanwhile new work is refused (the rate limiter fails closed for writes), reads answer.
+    refused = httpx.post(url, json=body, headers=cluster.headers("norediss"), timeout=60)
+    assert refused.status_code == 503 and "rate limiter" in refused.json()["detail"]
+    assert cluster.job("norediss", job_id)["source"] == "temporal"
     final = cluster.wait_for("norediss", job_id, timeout_s=300)
     assert final["state"] == "completed" and final["source"] == "temporal"
 
