@@ -39,8 +39,12 @@ e2e: setup
 test: lint
 	$(BIN)/pytest tests
 
+# Every benchmark (~15 min on 2 cores): one table on stdout, the report in BENCHMARKS.md.
+# The bench extra brings the HF Trainer baseline's accelerate and py-spy; npm ci, BullMQ.
 bench: setup
-	$(BIN)/python bench/train_overhead.py
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	cd bench/peers && npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python bench/run_all.py
 
 up: setup
 	$(BIN)/tenanttune up

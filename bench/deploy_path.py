@@ -4,36 +4,31 @@ For the tiny base and a synthetic ~100M-parameter Mistral (random weights, built
 alternates N conversions through the `convert_to_gguf` activity (subprocess, read-back check,
 sha256) with N bare `convert-hf-to-gguf` commands on the same input, and reports MB/s of
 safetensors weights read, medians and the ratio. Then it times llama.cpp generation from the
-tiny model's GGUF. Run: `python bench/deploy_path.py [--runs 3]`.
+tiny model's GGUF. Run: `python bench/deploy_path.py [--runs 2]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from harness import BENCH_DIR, REDIS_URL, REPO, Row, Section, machine, median, span, today
+from temporalio.testing import ActivityEnvironment
 
-from temporalio.testing import ActivityEnvironment  # noqa: E402
-
-from activities.deployment import DeploymentActivities  # noqa: E402
-from activities.status import StatusActivities  # noqa: E402
-from tenanttune.mirror import JobMirror  # noqa: E402
-from tenanttune.settings import Settings  # noqa: E402
-from tenanttune.types import ConvertRequest  # noqa: E402
-from training.base_model import build_tiny_base  # noqa: E402
-from training.convert import TOKENIZER_FILES  # noqa: E402
-from training.infer import generate  # noqa: E402
+from activities.deployment import DeploymentActivities
+from activities.status import StatusActivities
+from tenanttune.mirror import JobMirror
+from tenanttune.settings import Settings
+from tenanttune.types import ConvertRequest
+from training.base_model import build_tiny_base
+from training.convert import TOKENIZER_FILES
+from training.infer import generate
 
 LOOP = asyncio.new_event_loop()
 
@@ -58,11 +53,13 @@ def build_synthetic(tiny: Path, out: Path) -> Path:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    model = MistralForCausalLM(config)
-    model.save_pretrained(str(out), safe_serialization=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    MistralForCausalLM(config).save_pretrained(str(tmp), safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (tiny / name).exists():
-            shutil.copy(tiny / name, out / name)
+            shutil.copy(tiny / name, tmp / name)
+    tmp.rename(out)  # cached under .tenanttune/bench/ for the next run
     return out
 
 
@@ -96,65 +93,98 @@ def through_activity(acts: DeploymentActivities, model_dir: Path) -> float:
     return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+def run(runs: int = 2) -> Section:
     root = Path(tempfile.mkdtemp(prefix="tt-bench-deploy-"))
     settings = Settings(
-        _env_file=None,
-        state_dir=root / "state",  # type: ignore[call-arg]
+        _env_file=None,  # type: ignore[call-arg]
+        state_dir=root / "state",
         data_dir=root / "data",
         models_dir=root / "models",
-        redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+        redis_url=REDIS_URL,
     )
     acts = DeploymentActivities(settings, StatusActivities(JobMirror.from_url(settings.redis_url)))
     try:
         tiny_src = build_tiny_base(REPO / ".tenanttune" / "base" / "tiny-mistral")
         tiny = root / "tiny"
         shutil.copytree(tiny_src, tiny)
-        big = build_synthetic(tiny, root / "synthetic-100m")
+        big = build_synthetic(tiny, BENCH_DIR / "synthetic-110m")
         rows = []
         for label, model_dir in (("tiny Mistral", tiny), ("synthetic Mistral", big)):
             mb = weights_mb(model_dir)
             acts_s, bare_s = [], []
             through_activity(acts, model_dir)  # warm the page cache
-            for _ in range(args.runs):
+            for _ in range(runs):
                 acts_s.append(through_activity(acts, model_dir))
                 bare_s.append(bare(model_dir, root / "bare.gguf"))
+            for stale in model_dir.glob("model-f16.gguf*"):
+                stale.unlink()
             rows.append((label, mb, acts_s, bare_s))
-            print(f"{label}: activity {acts_s}  bare {bare_s}", flush=True)
-        gguf = tiny / "model-f16.gguf"
+            print(f"  {label}: activity {acts_s}  bare {bare_s}", flush=True)
         through_activity(acts, tiny)
+        gguf = tiny / "model-f16.gguf"
         prompt = "[INST] How do I download an invoice as PDF? [/INST]"
-        gens = [generate(gguf, prompt, max_tokens=128) for _ in range(args.runs + 1)][1:]
+        gens = [generate(gguf, prompt, max_tokens=128) for _ in range(runs + 1)][1:]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
-    print("| model | weights MB | path | runs | median s | MB/s | min–max s |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [
+        f"machine: {machine()} · date: {today()}",
+        "",
+        "The `convert_to_gguf` activity (run with Temporal's `ActivityEnvironment`: a "
+        "`python -m training.convert` subprocess that calls the `convert-hf-to-gguf` converter, "
+        "reads the GGUF back with `gguf`, then hashes it) against the bare `convert-hf-to-gguf "
+        "<dir> --outtype f16` on the same full HF model directory, alternating, after one "
+        "warm-up conversion. MB/s is safetensors weights read per second of wall time. The "
+        "synthetic model is a randomly initialised Mistral (hidden 768, 14 layers, ~110 M "
+        "parameters, f32) built by the script.",
+        "",
+        "| model | weights MB | path | runs | median s | MB/s | min–max s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
     for label, mb, acts_s, bare_s in rows:
         for path, xs in (
             ("`convert_to_gguf` activity", acts_s),
             ("bare `convert-hf-to-gguf`", bare_s),
         ):
-            med = statistics.median(xs)
-            print(
+            med = median(xs)
+            lines.append(
                 f"| {label} | {mb:.1f} | {path} | {len(xs)} | {med:.2f} | {mb / med:.1f} | "
-                f"{min(xs):.2f}–{max(xs):.2f} |"
+                f"{span(xs)} |"
             )
-        ratio = statistics.median(acts_s) / statistics.median(bare_s)
-        print(f"| {label} | | **ratio activity / bare** | | **{ratio:.2f}** | | |")
+        ratio = median(acts_s) / median(bare_s)
+        lines.append(f"| {label} | | **ratio activity / bare** | | **{ratio:.2f}** | | |")
+        summary.append(
+            Row(
+                f"GGUF conversion, {label} ({mb:.0f} MB): MB/s",
+                f"{mb / median(acts_s):.1f} (activity)",
+                f"{mb / median(bare_s):.1f} (bare converter)",
+                f"{ratio:.2f}× time",
+            )
+        )
     tps = [g.tokens_per_s for g in gens]
-    print()
-    print(
-        f"llama.cpp generation, tiny model f16 GGUF, {gens[0].tokens} tokens, {len(gens)} runs: "
-        f"median {statistics.median(tps):.0f} tokens/s (min {min(tps):.0f}, max {max(tps):.0f})"
+    lines += [
+        "",
+        f"llama.cpp generation from the deployed tiny model (f16 GGUF, llama-cpp-python, greedy, "
+        f"{gens[0].tokens} new tokens, {len(gens)} runs after a warm-up): median "
+        f"**{median(tps):.0f} tokens/s** (min {min(tps):.0f}, max {max(tps):.0f}).",
+    ]
+    summary.append(
+        Row("llama.cpp generation, tiny deployed model: tokens/s", f"{median(tps):.0f}", "", "")
     )
+    return Section(
+        "Deployment path: GGUF conversion and llama.cpp generation",
+        f"python bench/deploy_path.py --runs {runs}",
+        "\n".join(lines),
+        summary,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    print(run(args.runs).body)
 
 
 if __name__ == "__main__":

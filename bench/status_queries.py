@@ -1,12 +1,15 @@
-"""Status queries: GET /api/ai/jobs/<id> served from the Redis mirror vs from Temporal describe.
+"""Status queries: GET /api/ai/jobs/<id> from the Redis mirror vs from Temporal describe, and
+how the tenant's job list grows with the number of jobs in the mirror.
 
-Starts a private embedded stack (own ports and dirs) and trains two tiny jobs for one tenant:
+On a private stack it trains two tiny jobs for one tenant:
   redis:    a normal job, whose finished state stays in the Bull-style Redis mirror
   temporal: a job sent with removeOnComplete, whose mirror entry goes at completion, so the same
             endpoint answers from Temporal (describe + result)
 Then, for each concurrency level, it runs a closed loop of N clients against each path for a fixed
 time, alternating the paths cell by cell, and prints requests/s, p50/p99 latency and the ratios.
-Run: `python bench/status_queries.py [--seconds 5] [--clients 1,8,32]`.
+Last, it fills the mirror with 100, 1,000 and 10,000 jobs of another tenant (written straight
+into Redis in the mirror's layout, finished or waiting) and times GET /api/ai/models/<id>/jobs.
+Run: `python bench/status_queries.py [--seconds 5] [--clients 1,8,32] [--sizes 100,1000,10000]`.
 """
 
 from __future__ import annotations
@@ -14,29 +17,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
-import shutil
-import socket
+import json
 import statistics
-import sys
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
+from harness import (
+    PrivateStack,
+    Row,
+    Section,
+    machine,
+    median,
+    pct,
+    stack_or,
+    submit,
+    today,
+    wait_finished,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tenanttune.jobs import JobState
+from tenanttune.mirror import JobMirror
+from tenanttune.settings import TRAINING_QUEUE
 
-from tenanttune import stack  # noqa: E402
-from tenanttune.auth import mint_token  # noqa: E402
-from tenanttune.settings import Settings  # noqa: E402
-
+COMPANY = "status"
 HP: dict[str, object] = {"epochs": 1, "batchSize": 8, "learningRate": 0.002}
 PATHS = ("redis", "temporal")
-JOB_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -61,63 +68,27 @@ class Cell:
 
     @property
     def p99_ms(self) -> float:
-        if len(self.latencies_s) < 2:
-            return self.latencies_s[0] * 1000
-        return statistics.quantiles(self.latencies_s, n=100, method="inclusive")[98] * 1000
+        return pct(self.latencies_s, 99) * 1000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_job(http: httpx.Client, company: str, extra: dict[str, object]) -> str:
-    body = {**HP, **extra}
-    resp = http.post(f"/api/ai/models/{company}/train", json=body).raise_for_status()
-    return str(resp.json()["jobId"])
-
-
-def wait_completed(http: httpx.Client, job_ids: list[str]) -> dict[str, dict[str, object]]:
-    """Poll until every job is completed; the last answer of each."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    done: dict[str, dict[str, object]] = {}
-    while len(done) < len(job_ids):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"jobs not finished after {JOB_TIMEOUT_S:.0f} s: {job_ids}")
-        for job_id in job_ids:
-            if job_id in done:
-                continue
-            job = http.get(f"/api/ai/jobs/{job_id}").raise_for_status().json()
-            if job["state"] == "failed":
-                raise SystemExit(f"job {job_id} failed: {job['failedReason']}")
-            if job["state"] == "completed":
-                done[job_id] = job
-        time.sleep(0.1)
-    return done
-
-
-async def run_cell(
-    pool: list[httpx.AsyncClient], path: str, job_id: str, clients: int, seconds: float
-) -> Cell:
-    """A closed loop of `clients` workers, each sending its next request when one answers."""
-    url = f"/api/ai/jobs/{job_id}"
-    marker = f'"source":"{path}"'.encode()
+async def closed_loop(
+    pool: list[httpx.AsyncClient], url: str, clients: int, seconds: float, check: bytes = b""
+) -> tuple[list[float], float, float]:
+    """`clients` workers, each sending its next GET when one answers: latencies, elapsed, CPU."""
 
     async def get(client: httpx.AsyncClient) -> float:
         t0 = time.perf_counter()
         resp = await client.get(url)
         latency = time.perf_counter() - t0
         if resp.status_code != 200:
-            raise SystemExit(f"{path} c={clients}: HTTP {resp.status_code}: {resp.text[:300]}")
-        if marker not in resp.content:
-            raise SystemExit(f"{path} c={clients}: answer not from {path}: {resp.text[:300]}")
+            raise SystemExit(f"{url} c={clients}: HTTP {resp.status_code}: {resp.text[:300]}")
+        if check and check not in resp.content:
+            raise SystemExit(f"{url} c={clients}: unexpected answer: {resp.text[:300]}")
         return latency
 
     workers = pool[:clients]
     # Warm-up, untimed: every worker's connection is open and the path touched once.
     await asyncio.gather(*(get(client) for client in workers))
-
     deadline = time.perf_counter() + seconds
 
     async def worker(client: httpx.AsyncClient) -> list[float]:
@@ -128,125 +99,214 @@ async def run_cell(
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     per_worker = await asyncio.gather(*(worker(client) for client in workers))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    return Cell(path, clients, [x for w in per_worker for x in w], elapsed, cpu)
+    return [x for w in per_worker for x in w], time.perf_counter() - t0, time.process_time() - cpu0
+
+
+async def fill_mirror(mirror: JobMirror, company: str, state: JobState, start: int, n: int) -> None:
+    """Jobs `start`..`n-1` of a tenant, written the way the status activity writes them."""
+    now = int(time.time() * 1000)
+
+    async def one(i: int) -> None:
+        job_id = f"train-{company}-{uuid.UUID(int=i).hex[-16:]}"
+        fields: dict[str, object] = {
+            "name": "train",
+            "companyId": company,
+            "data": {"companyId": company, "hyperparameters": HP},
+            "opts": {},
+            "timestamp": now - (n - i) * 1000,
+            "progress": 100 if state == JobState.COMPLETED else 0,
+            "attemptsMade": 1 if state == JobState.COMPLETED else 0,
+        }
+        if state == JobState.COMPLETED:
+            fields |= {
+                "processedOn": now - (n - i) * 1000 + 10,
+                "finishedOn": now - (n - i) * 1000 + 500,
+                "returnvalue": {"model_path": f"/models/{company}/{job_id}", "metrics": {}},
+            }
+        await mirror.move(
+            TRAINING_QUEUE, job_id, state, fields, company_id=company, score=now - (n - i) * 1000
+        )
+
+    for chunk in range(start, n, 32):  # within the client's connection pool
+        await asyncio.gather(*(one(i) for i in range(chunk, min(chunk + 32, n))))
 
 
 async def measure(
-    base_url: str, token: str, jobs: dict[str, str], levels: list[int], seconds: float
-) -> list[Cell]:
+    st: PrivateStack, jobs: dict[str, str], levels: list[int], seconds: float, sizes: list[int]
+) -> tuple[list[Cell], list[tuple[str, int, list[float]]]]:
     # One AsyncClient (one keep-alive connection) per worker: a single shared client's
     # connection pool costs so much CPU at 32 concurrent requests that it, not the API, is
     # what gets measured (about a quarter of the throughput on a 2-core machine).
-    headers = {"Authorization": f"Bearer {token}"}
+    cells: list[Cell] = []
+    growth: list[tuple[str, int, list[float]]] = []
     async with contextlib.AsyncExitStack() as stack_:
         pool = [
             await stack_.enter_async_context(
-                httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers)
+                httpx.AsyncClient(base_url=st.base_url, timeout=30, headers=st.headers(COMPANY))
             )
             for _ in range(max(levels))
         ]
-        cells: list[Cell] = []
         for clients in levels:
             for path in PATHS:  # alternate cell by cell: same machine conditions for both
-                cell = await run_cell(pool, path, jobs[path], clients, seconds)
+                marker = f'"source":"{path}"'.encode()
+                lat, elapsed, cpu = await closed_loop(
+                    pool, f"/api/ai/jobs/{jobs[path]}", clients, seconds, marker
+                )
+                cell = Cell(path, clients, lat, elapsed, cpu)
                 cells.append(cell)
                 print(
-                    f"{path:8} c={clients:<3} {cell.requests:6d} req  {cell.rps:8.1f} req/s  "
+                    f"  {path:8} c={clients:<3} {cell.requests:6d} req  {cell.rps:8.1f} req/s  "
                     f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
                     f"client CPU {100 * cell.client_cpu_s / cell.elapsed_s:3.0f} %",
                     flush=True,
                 )
-    return cells
+        s = st.settings
+        mirror = JobMirror.from_url(s.redis_url, s.redis_prefix)
+        try:
+            for state in (JobState.COMPLETED, JobState.WAITING):
+                company = f"many-{state.value}"
+                async with httpx.AsyncClient(
+                    base_url=st.base_url, timeout=30, headers=st.headers(company)
+                ) as client:
+                    have = 0
+                    for n in sizes:
+                        await fill_mirror(mirror, company, state, have, n)
+                        have = n
+                        lat, _, _ = await closed_loop(
+                            [client], f"/api/ai/models/{company}/jobs", 1, seconds / 2
+                        )
+                        growth.append((state.value, n, lat))
+                        print(
+                            f"  list {state.value:9} {n:6d} jobs  p50 {median(lat) * 1000:7.2f} "
+                            f"ms  p99 {pct(lat, 99) * 1000:7.2f} ms",
+                            flush=True,
+                        )
+        finally:
+            await mirror.close()
+    return cells, growth
 
 
-def print_table(cells: list[Cell]) -> None:
-    print("| path | clients | requests | req/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+def run(
+    seconds: float = 3.0,
+    levels: tuple[int, ...] = (1, 8, 32),
+    sizes: tuple[int, ...] = (100, 1000, 10000),
+    shared: PrivateStack | None = None,
+) -> Section:
+    with stack_or(shared, [COMPANY]) as st:
+        http = st.http(COMPANY)
+        jobs = {
+            "redis": submit(http, COMPANY, HP),
+            "temporal": submit(http, COMPANY, {**HP, "removeOnComplete": True}),
+        }
+        finished = wait_finished(http, list(jobs.values()))
+        sizes_b: dict[str, int] = {}
+        for path, job_id in jobs.items():
+            resp = http.get(f"/api/ai/jobs/{job_id}").raise_for_status()
+            source = resp.json()["source"]
+            if source != path or finished[job_id]["source"] != path:
+                raise SystemExit(f"job {job_id} is answered from {source!r}, not {path!r}")
+            sizes_b[path] = len(resp.content)
+        cells, growth = asyncio.run(measure(st, jobs, list(levels), seconds, list(sizes)))
+    return report(cells, growth, seconds, levels, sizes, sizes_b)
+
+
+def report(
+    cells: list[Cell],
+    growth: list[tuple[str, int, list[float]]],
+    seconds: float,
+    levels: tuple[int, ...],
+    sizes: tuple[int, ...],
+    sizes_b: dict[str, int],
+) -> Section:
+    lines = [
+        f"machine: {machine()} · date: {today()}",
+        "",
+        f"workload: two finished tiny training jobs of one tenant ({json.dumps(HP)}); one "
+        "answered from the mirror, one sent with `removeOnComplete: true` so the same route "
+        "answers from Temporal (describe, then the result from history); every answer checked "
+        f"for 200 and its `source`. Closed loop on 127.0.0.1, {seconds:g} s per cell after a "
+        "warm-up, one keep-alive httpx client per simulated client, cells alternate redis / "
+        f"temporal at each concurrency; one uvicorn process. Answer bytes: redis "
+        f"{sizes_b['redis']}, temporal {sizes_b['temporal']}.",
+        "",
+        "| path | clients | requests | req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
     by_key = {(c.path, c.clients): c for c in cells}
-    for clients in dict.fromkeys(c.clients for c in cells):
+    rows: list[Row] = []
+    for clients in levels:
         r, t = by_key[("redis", clients)], by_key[("temporal", clients)]
         for cell in (r, t):
-            print(
+            lines.append(
                 f"| {cell.path} | {clients} | {cell.requests} | {cell.rps:.1f} | "
                 f"{cell.p50_ms:.2f} | {cell.p99_ms:.2f} |"
             )
-        print(
+        lines.append(
             f"| **ratio** | {clients} | | **{r.rps / t.rps:.2f}× redis/temporal** | "
             f"**{t.p50_ms / r.p50_ms:.2f}× temporal/redis** | {t.p99_ms / r.p99_ms:.2f}× |"
         )
+        rows.append(
+            Row(
+                f"GET /jobs/{{id}} at {clients} client(s): req/s, p50 ms",
+                f"{r.rps:.0f} req/s, {r.p50_ms:.1f} ms (mirror)",
+                f"{t.rps:.0f} req/s, {t.p50_ms:.1f} ms (Temporal describe)",
+                f"{r.rps / t.rps:.2f}× req/s",
+            )
+        )
+    lines += [
+        "",
+        f"The tenant's job list, `GET /api/ai/models/<id>/jobs` (default limit 50), one client, "
+        f"{seconds / 2:g} s per size; the tenant's jobs written straight into the mirror (finished "
+        "jobs in `completed`, or a backlog in `wait`), nothing else in the queue:",
+        "",
+        "| jobs in the mirror | state | requests | p50 ms | p99 ms | p50 vs the smallest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for state in ("completed", "waiting"):
+        series = [(n, lat) for s, n, lat in growth if s == state]
+        if not series:
+            continue
+        base = median(series[0][1])
+        for n, lat in series:
+            lines.append(
+                f"| {n:,} | {state} | {len(lat)} | {median(lat) * 1000:.2f} | "
+                f"{pct(lat, 99) * 1000:.2f} | {median(lat) / base:.2f}× |"
+            )
+        first, last = series[0], series[-1]
+        rows.append(
+            Row(
+                f"job list p50, {first[0]:,} → {last[0]:,} {state} jobs in the mirror",
+                f"{median(first[1]) * 1000:.1f} → {median(last[1]) * 1000:.1f} ms",
+                "",
+                f"{median(last[1]) / median(first[1]):.2f}×",
+            )
+        )
+    return Section(
+        "Status queries: Redis mirror vs Temporal, and the job list",
+        "python bench/status_queries.py "
+        f"--seconds {seconds:g} --clients {','.join(map(str, levels))} "
+        f"--sizes {','.join(map(str, sizes))}",
+        "\n".join(lines),
+        rows,
+    )
 
 
-def parse_levels(text: str) -> list[int]:
-    levels = [int(x) for x in text.split(",") if x.strip()]
+def parse_ints(text: str) -> tuple[int, ...]:
+    levels = tuple(int(x) for x in text.split(",") if x.strip())
     if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("clients: comma-separated positive integers")
+        raise argparse.ArgumentTypeError("comma-separated positive integers")
     return levels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each cell")
-    parser.add_argument(
-        "--clients", type=parse_levels, default=[1, 8, 32], help="concurrency levels, e.g. 1,8,32"
-    )
-    parser.add_argument("--company", default="acme")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each cell")
+    parser.add_argument("--clients", type=parse_ints, default=(1, 8, 32))
+    parser.add_argument("--sizes", type=parse_ints, default=(100, 1000, 10000))
     args = parser.parse_args()
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
-
-    root = Path(tempfile.mkdtemp(prefix="tt-bench-"))
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        state_dir=root / "state",
-        data_dir=root / "data",
-        models_dir=root / "models",
-        temporal_address=f"127.0.0.1:{free_port()}",
-        temporal_ui_port=free_port(),
-        api_port=free_port(),
-        redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
-    )
-    tenant = settings.tenant_data_dir(args.company)
-    tenant.mkdir(parents=True)
-    for f in (REPO / "examples" / "tenants" / args.company).glob("*.jsonl"):
-        shutil.copy(f, tenant / f.name)
-    try:
-        stack.start_detached(settings)
-        token = mint_token(settings, args.company)
-        base_url = f"http://127.0.0.1:{settings.api_port}"
-        with httpx.Client(
-            base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        ) as http:
-            t0 = time.perf_counter()
-            jobs = {
-                "redis": start_job(http, args.company, {}),
-                "temporal": start_job(http, args.company, {"removeOnComplete": True}),
-            }
-            finished = wait_completed(http, list(jobs.values()))
-            print(f"both jobs completed in {time.perf_counter() - t0:.1f} s", flush=True)
-            sizes: dict[str, int] = {}
-            for path, job_id in jobs.items():
-                resp = http.get(f"/api/ai/jobs/{job_id}").raise_for_status()
-                source = resp.json()["source"]
-                if source != path or finished[job_id]["source"] != path:
-                    raise SystemExit(f"job {job_id} is answered from {source!r}, not {path!r}")
-                sizes[path] = len(resp.content)
-        cells = asyncio.run(measure(base_url, token, jobs, args.clients, args.seconds))
-    finally:
-        stack.stop(settings)
-        shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(
-        f"workload: tenant {args.company}, jobs trained with {HP}; closed loop on 127.0.0.1, "
-        f"{args.seconds:g} s per cell, one httpx.AsyncClient (keep-alive connection) per client; "
-        f"answer bytes redis {sizes['redis']}, temporal {sizes['temporal']}"
-    )
-    print_table(cells)
+    print(run(args.seconds, args.clients, args.sizes).body)
 
 
 if __name__ == "__main__":

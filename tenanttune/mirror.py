@@ -279,10 +279,15 @@ class JobMirror:
         await self._update(keys=[self.key(queue, job_id)], args=flat)
 
     async def get(self, queue: str, job_id: str) -> MirroredJob | None:
-        raw = cast(dict[str, str], await self.redis.hgetall(self.key(queue, job_id)))
+        """The job's hash and its state, in one round trip (a status read is on the hot path)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key(queue, job_id))
+            self._membership(pipe, queue, job_id)
+            found = await pipe.execute()
+        raw = cast(dict[str, str], found[0])
         if not raw:
             return None
-        state = await self.state_of(queue, job_id)
+        state = _state_from(found[1:])
         return MirroredJob(
             job_id=job_id,
             queue=queue,
@@ -304,17 +309,16 @@ class JobMirror:
     async def state_of(self, queue: str, job_id: str) -> str | None:
         """Which collection holds the job (Bull's getState)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for state in _ORDER:
-                key = self.key(queue, COLLECTIONS[state])
-                if state in LISTS:
-                    pipe.lpos(key, job_id)
-                else:
-                    pipe.zscore(key, job_id)
-            found = await pipe.execute()
-        for state, hit in zip(_ORDER, found, strict=True):
-            if hit is not None:
-                return state.value
-        return None
+            self._membership(pipe, queue, job_id)
+            return _state_from(await pipe.execute())
+
+    def _membership(self, pipe: Any, queue: str, job_id: str) -> None:
+        for state in _ORDER:
+            key = self.key(queue, COLLECTIONS[state])
+            if state in LISTS:
+                pipe.lpos(key, job_id)
+            else:
+                pipe.zscore(key, job_id)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -355,6 +359,14 @@ class JobMirror:
                     pipe.zcard(key)
             found = await pipe.execute()
         return {state.value: int(n) for state, n in zip(_ORDER, found, strict=True)}
+
+
+def _state_from(found: list[Any]) -> str | None:
+    """The state whose collection answered (LPOS / ZSCORE replies in `_ORDER`)."""
+    for state, hit in zip(_ORDER, found, strict=True):
+        if hit is not None:
+            return state.value
+    return None
 
 
 def _json(raw: str | None, default: Any) -> Any:

@@ -62,6 +62,13 @@ class Job:
         return self.info
 
     async def get_state(self) -> str:
+        """Bull's getState: from the mirror's collections alone (one round trip); from Temporal
+        when Redis is unreachable or does not know the job."""
+        with contextlib.suppress(RedisError, OSError):
+            state = await self.queue.mirror.state_of(self.queue.name, self.id)
+            if state is not None:
+                self.info.state = state
+                return state
         return (await self.refresh()).state
 
     async def progress(self) -> float:
