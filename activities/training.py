@@ -94,8 +94,7 @@ class TrainingActivities:
         info = activity.info()
         run_dir = self.settings.runs_dir / req.job_id
         output_dir = run_dir / f"attempt-{info.attempt}"
-        allowed = {self.settings.base_model, *self.settings.allowed_base_models}
-        if req.base_model not in allowed:  # the API checks too; a worker trusts no request
+        if not self.settings.allows_base_model(req.base_model):  # the API checks it too
             raise ApplicationError(
                 f"base model {req.base_model!r} is not in this worker's ALLOWED_BASE_MODELS",
                 type=BaseModelError.__name__,

@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = "text"
 
+    def allows_base_model(self, name: str) -> bool:
+        """BASE_MODEL (empty: the built-in tiny model) or one of ALLOWED_BASE_MODELS."""
+        return name == self.base_model or name in self.allowed_base_models
+
     def limit(self, company_id: str, name: str) -> int:
         """A tenant's limit `name`: its TENANT_LIMITS override, else the global setting."""
         override = self.tenant_limits.get(company_id)

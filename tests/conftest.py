@@ -6,8 +6,10 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,28 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         train_heartbeat_timeout_s=30,
         max_upload_bytes=1024 * 1024,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_healthy(url: str, alive: Callable[[], str | None], timeout_s: float = 60) -> None:
+    """Poll `url`/healthz until it answers 200; `alive()` returns a reason once the server died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        died = alive()
+        assert died is None, died
+        assert time.monotonic() < deadline, f"{url} did not come up in {timeout_s:.0f} s"
+        time.sleep(0.2)
 
 
 def token(settings: Settings, company: str, **kw: Any) -> dict[str, str]:

@@ -121,9 +121,9 @@ CHARS_PER_TOKEN = 4  # a common estimate for English text with a BPE/SentencePie
 
 def _allowed_base(body: TrainBody, settings: Settings) -> str:
     """The base model to train on: BASE_MODEL, or one named from ALLOWED_BASE_MODELS."""
-    if body.baseModel is None or body.baseModel == settings.base_model:
+    if body.baseModel is None:
         return settings.base_model
-    if body.baseModel not in settings.allowed_base_models:
+    if not settings.allows_base_model(body.baseModel):
         allowed = [settings.base_model or "(the built-in tiny model)"]
         allowed += settings.allowed_base_models
         raise HTTPException(

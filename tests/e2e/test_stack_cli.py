@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ import httpx
 import pytest
 import redis
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "tenanttune.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from tenanttune.settings import Settings
 from tenanttune.temporal import SEARCH_ATTRIBUTES
-from tests.conftest import REPO, TEMPORAL_BIN, seed_tenant, token
+from tests.conftest import REPO, TEMPORAL_BIN, free_port, seed_tenant, token
 from tests.integration.jobs import FAST, follow
 
 pytestmark = pytest.mark.e2e
@@ -41,12 +41,6 @@ pytestmark = pytest.mark.e2e
 # A Redis database of this test's own (the shared test DB may be in use by another session).
 REDIS_URL = os.environ.get("TEST_E2E_QUEUES_REDIS_URL", "redis://127.0.0.1:6379/9")
 TENANT = "crossing"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -28,14 +27,9 @@ from tenanttune.auth import mint_token  # noqa: E402
 from tenanttune.jobs import control_workflow_id  # noqa: E402
 from tenanttune.settings import TRAINING_QUEUE, Settings  # noqa: E402
 from tenanttune.temporal import connect  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 BODY = {"epochs": 1, "batchSize": 8, "learningRate": 0.002}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(http: httpx.Client, job_id: str) -> dict[str, object]:

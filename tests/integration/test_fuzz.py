@@ -4,14 +4,11 @@ real Temporal and Redis), with a tenant token and a bounded number of examples p
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 import uvicorn
@@ -21,7 +18,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 
 from api.app import create_app
 from tenanttune.settings import Settings
-from tests.conftest import token
+from tests.conftest import free_port, token, wait_until_healthy
 
 TENANT = "fuzz"
 EXAMPLES_PER_ROUTE = 40
@@ -42,24 +39,14 @@ def served(
             "rate_limit_per_minute": 0,
         }
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, log_level="error")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.1)
+    wait_until_healthy(url, lambda: None if thread.is_alive() else "the API thread exited")
     yield url
     server.should_exit = True
     thread.join(timeout=10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from activities.status import StatusActivities
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import Settings
 from tenanttune.types import ConvertResult, PublishRequest
-from tests.conftest import token
+from tests.conftest import free_port, token
 from tests.integration.jobs import TENANT, deploy
 from tests.ollama_standin import run_standin
 
@@ -109,12 +108,6 @@ async def test_publish_retry_does_not_upload_or_create_twice(
     assert stats_after["creates"] == stats_before["creates"], "no second create"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_unreachable_ollama_retries_then_fails_clearly(
     api: httpx.AsyncClient,
     settings: Settings,
@@ -126,7 +119,7 @@ async def test_unreachable_ollama_retries_then_fails_clearly(
         settings.deploy_max_attempts,
         settings.deploy_retry_initial_s,
     )
-    host = f"http://127.0.0.1:{closed_port()}"
+    host = f"http://127.0.0.1:{free_port()}"
     settings.deploy_target, settings.ollama_host = "ollama", host
     settings.deploy_max_attempts, settings.deploy_retry_initial_s = 2, 0.2
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +164,24 @@ async def test_listing_shows_only_the_callers_jobs(
     await api.post(f"/api/ai/jobs/{mine}/cancel", headers=token(settings, "lister"))
 
 
+@pytest.fixture
+def limits(settings: Settings) -> Iterator[dict[str, TenantLimits]]:
+    """Per-tenant limits for one test (the live app reads these settings); cleared after it."""
+    settings.tenant_limits = {}
+    yield settings.tenant_limits
+    settings.tenant_limits = {}
+
+
 async def test_tenant_job_quotas_answer_429_with_retry_after(
-    api: httpx.AsyncClient, settings: Settings, worker: None
+    api: httpx.AsyncClient,
+    settings: Settings,
+    worker: None,
+    limits: dict[str, TenantLimits],
 ) -> None:
     company = "quota"
     seed_tenant(settings, company, lines=40)
     headers = token(settings, company)
-    settings.tenant_limits = {company: TenantLimits(max_queued_jobs=2, max_running_jobs=1)}
+    limits[company] = TenantLimits(max_queued_jobs=2, max_running_jobs=1)
     started: list[str] = []
     try:
         for key in ("q1", "q2"):
@@ -215,32 +227,31 @@ async def test_tenant_job_quotas_answer_429_with_retry_after(
         assert "1 jobs running" in r.json()["detail"]
         assert "TENANT_MAX_RUNNING_JOBS" in r.json()["detail"]
     finally:
-        settings.tenant_limits = {}
         for job_id in started:
             await api.post(f"/api/ai/jobs/{job_id}/cancel", headers=headers)
         await _until(api, started, headers, {"failed", "completed"})
 
 
 async def test_simultaneous_submissions_cannot_slip_past_the_quota(
-    api: httpx.AsyncClient, settings: Settings, temporal_env: Any
+    api: httpx.AsyncClient,
+    settings: Settings,
+    temporal_env: Any,
+    limits: dict[str, TenantLimits],
 ) -> None:
     company = "rush"
     seed_tenant(settings, company, lines=40)
     headers = token(settings, company)
-    settings.tenant_limits = {company: TenantLimits(max_queued_jobs=2)}
-    try:
-        answers = await asyncio.gather(
-            *(
-                api.post(
-                    f"/api/ai/models/{company}/train",
-                    json={**GOOD, "delay": HOUR_MS},
-                    headers=headers,
-                )
-                for _ in range(10)
+    limits[company] = TenantLimits(max_queued_jobs=2)
+    answers = await asyncio.gather(
+        *(
+            api.post(
+                f"/api/ai/models/{company}/train",
+                json={**GOOD, "delay": HOUR_MS},
+                headers=headers,
             )
+            for _ in range(10)
         )
-    finally:
-        settings.tenant_limits = {}
+    )
     codes = sorted(r.status_code for r in answers)
     assert codes == [202, 202] + [429] * 8, codes
     for r in answers:
@@ -261,21 +272,18 @@ async def _until(
 
 
 async def test_rate_limit_is_per_token_and_says_when_to_retry(
-    api: httpx.AsyncClient, settings: Settings
+    api: httpx.AsyncClient, settings: Settings, limits: dict[str, TenantLimits]
 ) -> None:
-    settings.tenant_limits = {"chatty": TenantLimits(rate_limit_per_minute=5)}
-    try:
-        headers = token(settings, "chatty")
-        for _ in range(5):
-            assert (await api.get("/api/ai/models/chatty/jobs", headers=headers)).status_code == 200
-        r = await api.get("/api/ai/models/chatty/jobs", headers=headers)
-        assert r.status_code == 429
-        assert "5 requests per minute" in r.json()["detail"]
-        assert 1 <= int(r.headers["retry-after"]) <= 60
-        other = token(settings, "chatty")  # another token (subject) of the same tenant
-        assert (await api.get("/api/ai/models/chatty/jobs", headers=other)).status_code == 200
-    finally:
-        settings.tenant_limits = {}
+    limits["chatty"] = TenantLimits(rate_limit_per_minute=5)
+    headers = token(settings, "chatty")
+    for _ in range(5):
+        assert (await api.get("/api/ai/models/chatty/jobs", headers=headers)).status_code == 200
+    r = await api.get("/api/ai/models/chatty/jobs", headers=headers)
+    assert r.status_code == 429
+    assert "5 requests per minute" in r.json()["detail"]
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    other = token(settings, "chatty")  # another token (subject) of the same tenant
+    assert (await api.get("/api/ai/models/chatty/jobs", headers=other)).status_code == 200
 
 
 async def test_with_redis_down_reads_pass_and_writes_are_refused(

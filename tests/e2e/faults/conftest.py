@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,7 @@ import redis
 from tenanttune import stack
 from tenanttune.auth import mint_token
 from tenanttune.settings import Settings
-from tests.conftest import REPO, seed_tenant
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import REPO, free_port, seed_tenant, wait_until_healthy
 
 
 @dataclass
@@ -67,16 +60,11 @@ class Cluster:
         )
         self.procs[name] = proc
         if name == "api":
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, (self.root / "api.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "API did not come up"
-                time.sleep(0.3)
+            log_file = self.root / "api.log"
+            wait_until_healthy(
+                self.api_url,
+                lambda: None if proc.poll() is None else log_file.read_text()[-2000:],
+            )
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
