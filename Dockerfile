@@ -15,6 +15,8 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 WORKDIR /app
 COPY pyproject.toml README.md worker.py ./
 COPY api ./api
+COPY cli ./cli
+COPY jobs ./jobs
 COPY workflows ./workflows
 COPY activities ./activities
 COPY training ./training
@@ -22,7 +24,10 @@ COPY tenanttune ./tenanttune
 COPY examples ./examples
 RUN pip install --no-cache-dir .
 
+# Production, explicitly (it is also the default): the API refuses to start without a
+# JWT_SECRET of 32+ characters (or RS256 settings), and none is built into the image.
 ENV PYTHONUNBUFFERED=1 \
+    ENVIRONMENT=production \
     STATE_DIR=/srv/state \
     DATA_DIR=/srv/data \
     MODELS_DIR=/srv/models

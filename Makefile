@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit integration e2e bench up down clean
+.PHONY: setup demo test lint unit integration e2e faults bench up down clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ integration: setup
 
 e2e: setup
 	$(BIN)/pytest tests/e2e
+
+# The fault tests (real processes, SIGKILL) REPEAT times in a row: per-test pass counts, then
+# "N passed, M failed" (runs); fails if any run failed. `make faults REPEAT=10`.
+REPEAT ?= 1
+faults: setup
+	$(BIN)/python tests/e2e/faults/repeat.py $(REPEAT)
 
 # Lint, then every tier (unit, integration, e2e) in one run.
 test: lint

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
+from functools import partial
 
 from prometheus_client import REGISTRY, start_http_server
 from temporalio.client import Client
@@ -15,13 +16,22 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Interceptor, Worker
 
+from activities.admission import AdmissionActivities
 from activities.deployment import DeploymentActivities
+from activities.proc import heartbeat_throttle
 from activities.queue import QueueActivities
 from activities.status import StatusActivities
 from activities.training import TrainingActivities
 from tenanttune import telemetry
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import DEPLOYMENT_QUEUE, QUEUES, TRAINING_QUEUE, Settings, get_settings
+from tenanttune.settings import (
+    DEPLOYMENT_QUEUE,
+    QUEUES,
+    TRAINING_QUEUE,
+    TRAINING_SLOTS_QUEUE,
+    Settings,
+    get_settings,
+)
 from tenanttune.temporal import connect, is_traced
 from workflows.deployment import DeploymentWorkflow
 from workflows.queue_control import QueueControlWorkflow
@@ -33,38 +43,59 @@ log = logging.getLogger("tenanttune.worker")
 def build_workers(
     client: Client, settings: Settings, mirror: JobMirror, queues: Sequence[str] = QUEUES
 ) -> list[Worker]:
-    """One Temporal worker per queue, each with that queue's workflows and activities."""
-    status = StatusActivities(mirror)
+    """Temporal workers for the given job queues, each with that queue's workflows and
+    activities; a training worker also polls the training-slot queue (see below)."""
+    status = StatusActivities(mirror, settings)
     training = TrainingActivities(settings, status)
     deployment = DeploymentActivities(settings, status)
     gate = QueueActivities(client)
+    admission = AdmissionActivities(settings, mirror)
     # Spans for workflows and activities (unless the client already carries the tracing
     # interceptor, which workers inherit), and per-stage timings and error counts.
     # Tracing goes first (outermost), so the telemetry runs inside the activity's span.
     interceptors: list[Interceptor] = [] if is_traced(client) else [TracingInterceptor()]
     interceptors.append(telemetry.ActivityTelemetry())
+    # A recorded heartbeat reaches the server within a tenth of the smallest heartbeat timeout,
+    # not 0.8 of it (the SDK's default), so a busy worker cannot lose a live attempt.
+    throttle = heartbeat_throttle(
+        (settings.train_heartbeat_timeout_s, settings.deploy_heartbeat_timeout_s)
+    )
+    worker = partial(
+        Worker,
+        client,
+        interceptors=interceptors,
+        max_heartbeat_throttle_interval=throttle,
+        default_heartbeat_throttle_interval=throttle,
+    )
     workers = []
     if TRAINING_QUEUE in queues:
         workers.append(
-            Worker(
-                client,
+            worker(
                 task_queue=TRAINING_QUEUE,
                 workflows=[TrainingWorkflow, QueueControlWorkflow],
                 activities=[
                     status.record_status,
                     gate.queue_paused,
+                    admission.admit_child_job,
                     training.export_training_data,
-                    training.train_model,
                     training.register_model,
                 ],
-                max_concurrent_activities=settings.worker_max_concurrent_trainings + 4,
-                interceptors=interceptors,
+            )
+        )
+        # Training slots are worker capacity: this worker asks for a train_model task only
+        # while fewer than WORKER_MAX_CONCURRENT_TRAININGS run, so the next job waits in
+        # Temporal's task queue (visible, cancellable, no heartbeat to miss), never inside an
+        # activity of this worker.
+        workers.append(
+            worker(
+                task_queue=TRAINING_SLOTS_QUEUE,
+                activities=[training.train_model],
+                max_concurrent_activities=settings.worker_max_concurrent_trainings,
             )
         )
     if DEPLOYMENT_QUEUE in queues:
         workers.append(
-            Worker(
-                client,
+            worker(
                 task_queue=DEPLOYMENT_QUEUE,
                 workflows=[DeploymentWorkflow, QueueControlWorkflow],
                 activities=[
@@ -74,9 +105,9 @@ def build_workers(
                     deployment.deploy_model,
                     deployment.verify_deployment,
                     deployment.unpublish_model,
+                    deployment.withdraw_publication,
                     deployment.finish_publish,
                 ],
-                interceptors=interceptors,
             )
         )
     return workers
@@ -94,7 +125,12 @@ async def main(queues: Sequence[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker polling %s on %s", ", ".join(queues), settings.temporal_address)
+    log.info(
+        "worker polling %s on %s (training slots: %d)",
+        ", ".join(queues),
+        settings.temporal_address,
+        settings.worker_max_concurrent_trainings if TRAINING_QUEUE in queues else 0,
+    )
     runs = [asyncio.create_task(w.run()) for w in workers]
     await stop.wait()
     log.info("shutting down")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -133,11 +134,19 @@ class DeploymentActivities:
         """Publish the GGUF under the model name on the configured target."""
         async with heartbeating():
             if req.target == "ollama":
-                result = await self._publish_ollama(req)
+                publishing = asyncio.ensure_future(self._publish_ollama(req))
             else:
-                result = await asyncio.to_thread(self._publish_local, req)
-        failpoints.hit("deploy_model.published")
-        await self.status.report_progress(DEPLOYMENT_QUEUE, req.job_id, 70.0, "deployed")
+                publishing = asyncio.ensure_future(asyncio.to_thread(self._publish_local, req))
+            try:
+                # A cancel does not stop a rename in a thread or a create on the server: let it
+                # land, then report the cancel; the workflow withdraws what landed.
+                result = await asyncio.shield(publishing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await publishing
+                raise
+            failpoints.hit("deploy_model.published")
+            await self.status.report_progress(DEPLOYMENT_QUEUE, req.job_id, 70.0, "deployed")
         return result
 
     def registry_path(self, model_name: str) -> Path:
@@ -252,6 +261,11 @@ class DeploymentActivities:
     @activity.defn
     async def verify_deployment(self, req: VerifyRequest) -> VerifyResult:
         """Ask the deployed model a question from the tenant's validation split."""
+        # Loading the model (llama.cpp, or Ollama on its first request) says nothing for a while.
+        async with heartbeating():
+            return await self._verify_deployment(req)
+
+    async def _verify_deployment(self, req: VerifyRequest) -> VerifyResult:
         system, question = self._question(req.company_id)
         published = req.published
         if published.target == "ollama":
@@ -361,6 +375,34 @@ class DeploymentActivities:
                 raise
         # Ollama keeps no second copy under one name; an older version under another
         # tag is untouched by the delete.
+
+    @activity.defn
+    async def withdraw_publication(self, req: PublishRequest) -> bool:
+        """After a job stopped while publishing: if what is under the name is this job's
+        publication, remove it and put back what was there before. True if it removed one."""
+        if req.target == "ollama":
+            marker = _marker(Path(req.gguf.gguf_path), self.settings.ollama_host, req.model_name)
+            if not marker.exists():
+                return False
+            client = self._ollama()
+            if await _ollama_blob_of(client, req.model_name) is None:
+                return False
+            await self._unpublish_ollama(
+                PublishResult(req.model_name, "ollama", self.settings.ollama_host, "", True)
+            )
+            marker.unlink(missing_ok=True)
+            return True
+        target = self.registry_path(req.model_name)
+        try:
+            meta = json.loads((target / "metadata.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if meta.get("deploy_job") != req.job_id:
+            return False  # another job's model (the previous version): never touched
+        await self.unpublish_model(
+            PublishResult(req.model_name, "local", str(target), meta.get("digest", ""), True)
+        )
+        return True
 
     @activity.defn
     async def finish_publish(self, published: PublishResult) -> None:

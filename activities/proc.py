@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import json
+import logging
 import os
 import resource
 import signal
 import sys
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,35 @@ from training.exits import EXIT_NO_MEMORY, EXIT_NO_SPACE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
 
-EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+EventHandler = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
+
+# Heartbeats. The SDK sends a recorded heartbeat to the server at most once per throttle
+# interval, min(0.8 x heartbeat timeout, the worker's max throttle), so with the defaults a
+# heartbeat recorded a moment late (a busy event loop) could reach the server after the timeout.
+# Recording every tenth of the timeout, and a worker throttle of a tenth of its smallest
+# configured timeout (worker.py), puts a heartbeat on the server about every fifth of the
+# timeout: the worker's event loop may stall for most of a timeout before a live attempt is
+# taken for dead.
+BEATS_PER_TIMEOUT = 10
+MAX_BEAT_INTERVAL_S = 5.0  # fresh details for readers (the status read path shows them)
+MIN_BEAT_INTERVAL_S = 0.1
+MIN_THROTTLE_S = 1.0
+
+
+def beat_interval(heartbeat_timeout: timedelta | None) -> float:
+    """Seconds between two heartbeats an activity records, from its heartbeat timeout."""
+    if not heartbeat_timeout:
+        return MAX_BEAT_INTERVAL_S
+    share = heartbeat_timeout.total_seconds() / BEATS_PER_TIMEOUT
+    return min(max(share, MIN_BEAT_INTERVAL_S), MAX_BEAT_INTERVAL_S)
+
+
+def heartbeat_throttle(heartbeat_timeouts_s: Iterable[float]) -> timedelta:
+    """The worker's heartbeat throttle (`max_heartbeat_throttle_interval`): how long the SDK may
+    hold a recorded heartbeat back, a tenth of the smallest heartbeat timeout its activities get."""
+    smallest = min(heartbeat_timeouts_s)
+    return timedelta(seconds=max(smallest / BEATS_PER_TIMEOUT, MIN_THROTTLE_S))
 
 
 def die_with_parent() -> None:
@@ -48,8 +80,10 @@ def _child_setup(memory_mb: int) -> Callable[[], None]:
 class ScriptRun:
     """Run `python -m <module> ...` that prints JSON lines; heartbeat while it runs.
 
-    Each JSON line goes to `on_event`; other lines are logged. Cancelling the activity
-    terminates the subprocess's process group.
+    Each JSON line goes to `on_event` (called in the reading loop: it must not wait for
+    anything); other lines are logged. The heartbeat does not depend on the child's output: it
+    sends `details` on a clock (`heartbeating`), the caller's if one is already running.
+    Cancelling the activity terminates the subprocess's process group.
     """
 
     def __init__(
@@ -65,6 +99,11 @@ class ScriptRun:
         self.returncode: int | None = None
 
     async def run(self, module: str, *args: str) -> int:
+        beats = contextlib.nullcontext() if heartbeat_running() else heartbeating(self.details)
+        async with beats:
+            return await self._run(module, *args)
+
+    async def _run(self, module: str, *args: str) -> int:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -79,7 +118,6 @@ class ScriptRun:
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
         )
         assert proc.stdout is not None and proc.stderr is not None
-        beats = asyncio.create_task(self._heartbeat_forever())
         drain = asyncio.create_task(self._drain(proc.stderr))
         watchdog = asyncio.create_task(self._stop_after(proc)) if self.wall_clock_s else None
         try:
@@ -93,7 +131,7 @@ class ScriptRun:
                 if isinstance(event, dict):
                     self.last_event = event
                     if self.on_event is not None:
-                        await self.on_event(event)
+                        self.on_event(event)
             self.returncode = await proc.wait()
             await drain
         except BaseException:
@@ -101,7 +139,6 @@ class ScriptRun:
             await terminate(proc)
             raise
         finally:
-            beats.cancel()
             drain.cancel()
             if watchdog is not None:
                 watchdog.cancel()
@@ -145,12 +182,6 @@ class ScriptRun:
         last = next((line.strip() for line in reversed(self.stderr) if line.strip()), "")
         return f"{what} exited with status {self.returncode}: {last[:300]} (see the worker log)"
 
-    async def _heartbeat_forever(self) -> None:
-        # Loading a model prints nothing for a while; keep the activity alive meanwhile.
-        while True:
-            activity.heartbeat(dict(self.details))
-            await asyncio.sleep(5)
-
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
             self.stderr.append(raw.decode(errors="replace").rstrip())
@@ -168,17 +199,96 @@ async def terminate(proc: asyncio.subprocess.Process) -> None:
             continue
 
 
+_beating: contextvars.ContextVar[bool] = contextvars.ContextVar("heartbeating", default=False)
+
+
+def heartbeat_running() -> bool:
+    """Whether this activity already heartbeats on a clock (`heartbeating`)."""
+    return _beating.get()
+
+
 @contextlib.asynccontextmanager
-async def heartbeating(every_s: float = 5.0) -> AsyncIterator[None]:
-    """Heartbeat while a long in-process step (hashing, reading a GGUF) runs."""
+async def heartbeating(details: dict[str, Any] | None = None) -> AsyncIterator[None]:
+    """Heartbeat on a clock for as long as the block runs, whatever it does meanwhile.
+
+    Every `beat_interval` of the activity's heartbeat timeout, a copy of `details` (the
+    caller keeps updating that dict) is recorded; the first right away. Nothing else runs on
+    this path, so a slow step, a silent subprocess or a slow Redis cannot delay it; only a
+    blocked event loop can, and a stall longer than half the timeout is logged.
+    """
+    timeout = activity.info().heartbeat_timeout
+    every_s = beat_interval(timeout)
 
     async def beat() -> None:
         while True:
-            activity.heartbeat()
+            activity.heartbeat(*(() if details is None else (dict(details),)))
+            started = time.monotonic()
             await asyncio.sleep(every_s)
+            late = time.monotonic() - started - every_s
+            if timeout and late > timeout.total_seconds() / 2:
+                activity.logger.warning(
+                    "heartbeat %.1f s late: this worker's event loop was blocked (heartbeat "
+                    "timeout %.0f s)",
+                    late,
+                    timeout.total_seconds(),
+                )
 
     task = asyncio.create_task(beat())
+    token = _beating.set(True)
     try:
         yield
     finally:
+        _beating.reset(token)
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class WriteBehind:
+    """Mirror writes of a long activity (progress, events), done in order by one background
+    task, so neither the heartbeat nor the reading of a child's output waits for Redis.
+
+    They are cosmetic: when Redis is slower than the work, the oldest waiting writes are
+    dropped (at most `limit` wait), and whatever is still waiting when the work ends gets
+    `flush_s` to go out.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self._writes: deque[Callable[[], Awaitable[None]]] = deque(maxlen=limit)
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.dropped = 0
+
+    def add(self, write: Callable[[], Awaitable[None]]) -> None:
+        if len(self._writes) == self._writes.maxlen:
+            self.dropped += 1
+        self._writes.append(write)
+        self._idle.clear()
+        self._ready.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self, flush_s: float = 2.0) -> AsyncIterator[WriteBehind]:
+        task = asyncio.create_task(self._work())
+        try:
+            yield self
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), flush_s)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self.dropped:
+                log.info("%d mirror writes dropped (Redis slower than the work)", self.dropped)
+
+    async def _work(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._writes:
+                write = self._writes.popleft()
+                try:
+                    await write()
+                except Exception as exc:  # noqa: BLE001 - cosmetic; never stop the work
+                    log.debug("mirror write failed: %s", exc)
+            self._idle.set()

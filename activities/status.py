@@ -9,17 +9,20 @@ from redis.exceptions import RedisError
 from temporalio import activity
 
 from tenanttune import telemetry
-from tenanttune.jobs import JobState
 from tenanttune.mirror import JobMirror, now_ms
+from tenanttune.settings import Settings
 from tenanttune.types import StatusUpdate
+from tenanttune.vocab import JobState
+from tenanttune.wire import public_result, public_text, to_wire
 
 EVENTS_BACKOFF_S = 30.0
 log = logging.getLogger(__name__)
 
 
 class StatusActivities:
-    def __init__(self, mirror: JobMirror) -> None:
+    def __init__(self, mirror: JobMirror, settings: Settings) -> None:
         self.mirror = mirror
+        self.settings = settings
         self._events_paused_until = 0.0
         self._last_progress: dict[str, float] = {}
 
@@ -40,10 +43,21 @@ class StatusActivities:
             fields["processedOn"] = now_ms()
         if state in (JobState.COMPLETED, JobState.FAILED):
             fields["finishedOn"] = now_ms()
-        if update.result is not None:
-            fields["returnvalue"] = update.result
-        if update.failed_reason is not None:
-            fields["failedReason"] = update.failed_reason
+        # What the tenant reads: camelCase, paths relative to its models dir.
+        result = (
+            public_result(update.result, self.settings, update.company_id)
+            if update.result is not None
+            else None
+        )
+        if result is not None:
+            fields["returnvalue"] = result
+        reason = (
+            public_text(update.failed_reason, self.settings, update.company_id)
+            if update.failed_reason is not None
+            else None
+        )
+        if reason is not None:
+            fields["failedReason"] = reason
         final = state in (JobState.COMPLETED, JobState.FAILED)
         if final:
             telemetry.record_job_finished(
@@ -55,10 +69,10 @@ class StatusActivities:
             "state": state.value,
             "stage": update.stage,
         }
-        if update.failed_reason is not None:
-            event["failedReason"] = update.failed_reason
-        if update.result is not None:
-            event["result"] = update.result
+        if reason is not None:
+            event["failedReason"] = reason
+        if result is not None:
+            event["result"] = result
         try:
             moved = await self.mirror.move(
                 update.queue,
@@ -83,7 +97,7 @@ class StatusActivities:
         if time.monotonic() < self._events_paused_until:
             return
         try:
-            await self.mirror.add_event(queue, job_id, event)
+            await self.mirror.add_event(queue, job_id, to_wire(event))
         except Exception as exc:  # noqa: BLE001 - events are cosmetic; never fail the job
             self._events_paused_until = time.monotonic() + EVENTS_BACKOFF_S
             log.debug("mirror unavailable, event of %s not recorded: %s", job_id, exc)

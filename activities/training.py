@@ -9,16 +9,29 @@ import shutil
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.proc import REPO_ROOT, ScriptRun, die_with_parent
+from activities.proc import (
+    REPO_ROOT,
+    ScriptRun,
+    WriteBehind,
+    die_with_parent,
+    heartbeating,
+    terminate,
+)
 from activities.status import StatusActivities
 from tenanttune import telemetry
-from tenanttune.errors import BaseModelError, InvalidDatasetError, TrainingFailedError
+from tenanttune.errors import (
+    BaseModelError,
+    InvalidDatasetError,
+    ResourceLimitError,
+    TrainingFailedError,
+)
 from tenanttune.settings import TRAINING_QUEUE, Settings
 from tenanttune.types import (
     ExportRequest,
@@ -28,9 +41,10 @@ from tenanttune.types import (
     TrainModelResult,
     TrainResult,
 )
-from training import dataset
+from training import dataset, tokens
 from training.base_model import short_name
 from training.exits import EXIT_BAD_INPUT
+from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +56,6 @@ class TrainingActivities:
     def __init__(self, settings: Settings, status: StatusActivities) -> None:
         self.settings = settings
         self.status = status
-        # Trainings at once in this worker (= GPUs); other activities are not held by it.
-        self._slots = asyncio.Semaphore(max(settings.worker_max_concurrent_trainings, 1))
 
     @activity.defn
     async def export_training_data(self, req: ExportRequest) -> ExportResult:
@@ -74,6 +86,8 @@ class TrainingActivities:
                 type=InvalidDatasetError.__name__,
                 non_retryable=True,
             ) from exc
+        if req.hyperparameters is not None:
+            await self._check_budget(req, outputs[0][0])
         await self.status.report_progress(TRAINING_QUEUE, req.job_id, EXPORT_DONE, "training")
         return ExportResult(
             train_path=str(outputs[0][0]),
@@ -84,13 +98,41 @@ class TrainingActivities:
             dataset_sha256=exported.sha256,
         )
 
+    async def _check_budget(self, req: ExportRequest, train_file: Path) -> None:
+        """The token budget again, on the data this job will really train on (it may have grown
+        since the job was queued), with the base model's own tokenizer."""
+        assert req.hyperparameters is not None
+        hp = req.hyperparameters
+        base = req.base_model or await self._tiny_base()
+        examples = await asyncio.to_thread(dataset.read_examples, train_file)
+        counted = await asyncio.to_thread(tokens.count, base, examples, hp.max_seq_len)
+        total = counted.tokens * hp.epochs
+        if total > self.settings.train_max_token_budget:
+            raise ApplicationError(
+                f"the exported data of {req.company_id} is {counted.tokens:,} tokens, so "
+                f"{hp.epochs} epochs would train {total:,} tokens, over the budget of "
+                f"{self.settings.train_max_token_budget:,} (TRAIN_MAX_TOKEN_BUDGET); the data "
+                "grew since the job was queued: remove some, or lower epochs or maxSeqLength",
+                type=ResourceLimitError.__name__,
+                non_retryable=True,
+            )
+
     @activity.defn
     async def train_model(self, req: TrainModelRequest) -> TrainModelResult:
         """Run `python -m training.train` in a subprocess; heartbeat its progress.
 
-        A retry resumes from the checkpoint named in the last heartbeat. Cancelling the
-        activity terminates the subprocess's whole process group.
+        It heartbeats from its first moment (building the tiny base model, loading weights)
+        to its last, on a clock. A retry resumes from the checkpoint named in the last
+        heartbeat. Cancelling the activity terminates the subprocess's whole process group.
+        How many run at once is the worker's business: it takes train_model tasks from their
+        own task queue only while it has a free training slot, so a job waiting for one waits
+        in Temporal's queue, not in here.
         """
+        details: dict[str, Any] = {"step": 0, "total": 0, "loss": None, "checkpoint": ""}
+        async with heartbeating(details):
+            return await self._train(req, details)
+
+    async def _train(self, req: TrainModelRequest, details: dict[str, Any]) -> TrainModelResult:
         info = activity.info()
         run_dir = self.settings.runs_dir / req.job_id
         output_dir = run_dir / f"attempt-{info.attempt}"
@@ -104,47 +146,24 @@ class TrainingActivities:
         resume = _checkpoint_from(info.heartbeat_details) or _latest_checkpoint(
             run_dir / "checkpoints"
         )
-        hp = req.hyperparameters
-        cmd = [
-            "--base-model",
-            base,
-            "--train-file",
-            req.train_path,
-            "--eval-file",
-            req.validation_path,
-            "--output-dir",
-            str(output_dir),
-            "--checkpoint-dir",
-            str(run_dir / "checkpoints"),
-            "--epochs",
-            str(hp.epochs),
-            "--batch-size",
-            str(hp.batch_size),
-            "--learning-rate",
-            str(hp.learning_rate),
-            "--lora-r",
-            str(hp.lora_r),
-            "--lora-alpha",
-            str(hp.lora_alpha),
-            "--lora-dropout",
-            str(hp.lora_dropout),
-            "--target-modules",
-            ",".join(hp.target_modules),
-            "--max-seq-len",
-            str(hp.max_seq_len),
-            "--grad-accum",
-            str(hp.grad_accum),
-            "--seed",
-            str(hp.seed),
-            "--save-steps",
-            str(req.save_steps),
-        ]
+        details["checkpoint"] = resume
+        config = TrainConfig(
+            base_model=base,
+            train_file=req.train_path,
+            eval_file=req.validation_path,
+            output_dir=str(output_dir),
+            checkpoint_dir=str(run_dir / "checkpoints"),
+            hyperparameters=req.hyperparameters,
+            save_steps=req.save_steps,
+            resume_from_checkpoint=resume,
+        )
+        config_file = run_dir / f"attempt-{info.attempt}.json"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(config.to_json())
         if resume:
-            cmd += ["--resume-from-checkpoint", resume]
             log.info("job %s attempt %d resumes from %s", req.job_id, info.attempt, resume)
-        run = _TrainingRun(self.status, req.job_id, resume, self.settings)
-        async with self._slots:
-            await run.execute(cmd)
+        run = _TrainingRun(self.status, req.job_id, details, self.settings)
+        await run.execute(["--config", str(config_file)])
         metrics = json.loads((output_dir / "metrics.json").read_text())
         return TrainModelResult(
             adapter_path=str(output_dir),
@@ -166,7 +185,11 @@ class TrainingActivities:
             stderr=asyncio.subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
-        out, _ = await proc.communicate()
+        try:
+            out, _ = await proc.communicate()
+        except BaseException:  # cancelled: the builder must not outlive the attempt
+            await terminate(proc)
+            raise
         if proc.returncode != 0:
             raise ApplicationError(f"building the tiny base model failed: {out.decode()[-2000:]}")
         return str(target)
@@ -226,10 +249,14 @@ class TrainingActivities:
 
 
 class _TrainingRun:
-    """One training subprocess: its JSON lines turned into heartbeats and job progress."""
+    """One training subprocess: its JSON lines turned into heartbeat details and job progress.
+
+    Nothing here waits: details are updated in place (the clock in `heartbeating` sends them),
+    and the mirror writes go to a write-behind queue.
+    """
 
     def __init__(
-        self, status: StatusActivities, job_id: str, resume: str, settings: Settings
+        self, status: StatusActivities, job_id: str, details: dict[str, Any], settings: Settings
     ) -> None:
         self.status = status
         self.job_id = job_id
@@ -238,12 +265,14 @@ class _TrainingRun:
             memory_mb=settings.train_max_memory_mb,
             wall_clock_s=settings.train_max_wall_clock_s,
         )
-        self.script.details = {"step": 0, "total": 0, "loss": None, "checkpoint": resume}
+        self.script.details = details
+        self.writes = WriteBehind()
         self.error: dict[str, Any] | None = None
 
     async def execute(self, args: list[str]) -> None:
         """Run to the end; raise ApplicationError (retryable or not) if it fails."""
-        rc = await self.script.run("training.train", *args)
+        async with self.writes.running():
+            rc = await self.script.run("training.train", *args)
         if rc == 0:
             return
         if rc == EXIT_BAD_INPUT and self.error:
@@ -254,7 +283,7 @@ class _TrainingRun:
             )
         raise self.script.error("training process")
 
-    async def _on_event(self, event: dict[str, Any]) -> None:
+    def _on_event(self, event: dict[str, Any]) -> None:
         details = self.script.details
         kind = event.get("event")
         if kind == "start":
@@ -269,22 +298,29 @@ class _TrainingRun:
             )
             total = max(int(event["total_steps"]), 1)
             progress = EXPORT_DONE + (TRAIN_DONE - EXPORT_DONE) * event["step"] / total
-            await self.status.report_progress(TRAINING_QUEUE, self.job_id, progress, "training")
+            self.writes.add(
+                partial(
+                    self.status.report_progress, TRAINING_QUEUE, self.job_id, progress, "training"
+                )
+            )
         elif kind == "eval":
             details["eval_loss"] = event["eval_loss"]
         elif kind == "checkpoint":
             details["checkpoint"] = event["path"]
+            activity.heartbeat(dict(details))  # a retry should resume from it: send it now
         elif kind == "error":
             self.error = event
         if kind in _PUBLISHED:
-            await self._publish(str(kind), event)
-        activity.heartbeat(dict(details))
-
-    async def _publish(self, kind: str, event: dict[str, Any]) -> None:
-        """A step, eval or checkpoint as an event on the activity's span and the job's stream."""
-        fields = {k: event[k] for k in _PUBLISHED[kind] if k in event}
-        telemetry.add_span_event(kind, fields)
-        await self.status.record_event(TRAINING_QUEUE, self.job_id, {"type": kind, **fields})
+            fields = {k: event[k] for k in _PUBLISHED[str(kind)] if k in event}
+            telemetry.add_span_event(str(kind), fields)
+            self.writes.add(
+                partial(
+                    self.status.record_event,
+                    TRAINING_QUEUE,
+                    self.job_id,
+                    {"type": kind, **fields},
+                )
+            )
 
 
 # The training script's events a job's followers see, with the fields they get.

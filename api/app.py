@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -13,13 +12,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-from api.deps import TemporalConnector, TemporalUnavailable
+from api.limits import AuthFailures
+from api.middleware import RequestGuard
 from api.routes import datasets, health, job_insights, jobs, models, queues
 from api.schemas import ERROR_RESPONSES
+from jobs import errors
+from jobs.service import JobService
 from tenanttune import auth, telemetry
 from tenanttune.mirror import JobMirror
-from tenanttune.queues import Queue
-from tenanttune.settings import QUEUES, Settings, get_settings
+from tenanttune.settings import Settings, get_settings
+from tenanttune.temporal import TemporalConnector, TemporalUnavailable
+
+# How the front door's refusals answer over HTTP.
+JOB_ERROR_STATUS = {
+    errors.JobNotFound: 404,
+    errors.JobStateError: 409,
+    errors.InvalidJob: 422,
+    errors.InvalidReference: 400,
+    errors.QuotaExceeded: 429,
+    errors.SubmissionBusy: 503,
+    errors.JobQueueUnavailable: 503,
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,9 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mirror = JobMirror.from_url(
             settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
         )
-        app.state.queues = {
-            name: Queue(name, app.state.mirror, app.state.temporal.get) for name in QUEUES
-        }
+        app.state.jobs = JobService(settings, app.state.mirror, app.state.temporal.get)
+        app.state.auth_failures = AuthFailures(settings, app.state.mirror)
+        app.state.readiness = health.ReadinessCache(settings.readyz_cache_s)
         # Over OTLP nobody scrapes /metrics: refresh the queue-length gauges on a timer.
         gauges = (
             asyncio.create_task(health.refresh_queue_gauges(app.state.mirror))
@@ -50,7 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gauges.cancel()
         await app.state.mirror.close()
 
-    app = FastAPI(title="TenantTune", version="0.1.0", lifespan=lifespan)
+    # The interactive docs and the schema describe every route to anyone: development only.
+    development = settings.environment == "development"
+    app = FastAPI(
+        title="TenantTune",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if development else None,
+        redoc_url="/redoc" if development else None,
+        openapi_url="/openapi.json" if development else None,
+    )
     # Request spans are the parents of the workflow spans (README "Operations").
     telemetry.configure_tracing(settings, "tenanttune-api")
     telemetry.configure_metrics(settings, "tenanttune-api")
@@ -58,18 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry.configure_logging(settings)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="/healthz$,/readyz$,//[^/]+/metrics$")
 
-    body_limit = settings.max_upload_bytes + 1024 * 1024  # multipart framing on top
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        # Refuse an oversized body before it is read (and spooled to disk) at all.
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > body_limit:
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"request body over the {settings.max_upload_bytes} byte limit"},
-            )
-        return await call_next(request)
+    # Authentication before the body, and body limits while it streams (api/middleware.py).
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,6 +95,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "message": "; ".join(problems),
                 "detail": jsonable_encoder(exc.errors()),
             },
+        )
+
+    @app.exception_handler(errors.JobError)
+    async def _job_error(_: Request, exc: errors.JobError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(
+            status_code=JOB_ERROR_STATUS.get(type(exc), 400),
+            content={"detail": exc.message},
+            headers=headers,
         )
 
     @app.exception_handler(TemporalUnavailable)

@@ -2,47 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import State
 from temporalio.client import Client
 
-from api.limits import check_rate
+from api.limits import AuthFailures, check_rate, client_key
+from jobs.service import JobService
 from tenanttune.auth import InvalidToken, Principal, decode_token
-from tenanttune.jobs import queue_of, valid_company_id
 from tenanttune.mirror import JobMirror
-from tenanttune.queues import Queue
 from tenanttune.settings import Settings
-from tenanttune.temporal import connect
-
-
-class TemporalUnavailable(Exception):
-    """Temporal cannot be reached right now."""
-
-
-class TemporalConnector:
-    """Connects on first use and reconnects after a failure, so the API starts without Temporal."""
-
-    def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
-        self.settings = settings
-        self.timeout_s = timeout_s
-        self._client: Client | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> Client:
-        if self._client is not None:
-            return self._client
-        async with self._lock:
-            if self._client is None:
-                try:
-                    self._client = await asyncio.wait_for(connect(self.settings), self.timeout_s)
-                except (TimeoutError, RuntimeError, OSError) as exc:
-                    raise TemporalUnavailable(
-                        f"Temporal at {self.settings.temporal_address} is unreachable: {exc}"
-                    ) from exc
-            return self._client
+from tenanttune.temporal import TemporalConnector, TemporalUnavailable
+from tenanttune.vocab import valid_company_id
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -64,21 +37,33 @@ async def get_temporal(request: Request) -> Client:
 
 
 _bearer = HTTPBearer(auto_error=False)
+# Where api/middleware.py leaves the caller it authenticated (before reading the body).
+PRINCIPAL_STATE = "tenanttune_principal"
 
 
 async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller, from a valid bearer token; each call counts against its rate limit."""
-    principal = _decode(request, credentials)
+    """The caller, from a valid bearer token; each call counts against its tenant's rate limit."""
+    principal: Principal | None = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is None:
+        token = credentials.credentials if credentials else None
+        host = request.client.host if request.client else None
+        principal = await authenticate(request.app.state, token, host)
     await check_rate(request, principal)
     return principal
 
 
-def _decode(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+async def authenticate(state: State, token: str | None, client_host: str | None) -> Principal:
+    """The caller of a bearer `token` (None: none sent), or 401 with `WWW-Authenticate: Bearer`;
+    429 once its address has failed too often (checked before the token is decoded)."""
+    failures: AuthFailures = state.auth_failures
+    client = client_key(client_host)
+    failures.check(client)
     challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if not token:
+        await failures.record(client)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing bearer token: send 'Authorization: Bearer <token>' "
@@ -86,25 +71,22 @@ def _decode(request: Request, credentials: HTTPAuthorizationCredentials | None) 
             headers=challenge,
         )
     try:
-        return decode_token(request.app.state.settings, credentials.credentials)
+        return decode_token(state.settings, token)
     except InvalidToken as exc:
+        await failures.record(client)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers=challenge) from exc
 
 
-def get_queues(request: Request) -> dict[str, Queue]:
-    queues: dict[str, Queue] = request.app.state.queues
-    return queues
-
-
-def get_queue_for_job(request: Request, job_id: str) -> Queue | None:
-    queue = queue_of(job_id)
-    return get_queues(request).get(queue) if queue else None
+def get_jobs(request: Request) -> JobService:
+    jobs: JobService = request.app.state.jobs
+    return jobs
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 MirrorDep = Annotated[JobMirror, Depends(get_mirror)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 
 
 def tenant_of_path(company_id: str, principal: CurrentPrincipal) -> str:

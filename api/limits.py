@@ -1,35 +1,35 @@
-"""Per-token request rate limit (Redis) and per-tenant job quotas.
+"""Request limits kept in Redis, so every API process shares them. Job quotas are the front
+door's (jobs/admission.py).
 
-Rate limit: a sliding-window log per token subject in Redis, so every API process shares it.
-With Redis unreachable it fails OPEN for reads (GET/HEAD: status must stay answerable from
-Temporal) and CLOSED for writes (no job can be started while requests cannot be counted).
-
-Quotas: a tenant may have `max_running_jobs` active and `max_queued_jobs` waiting, delayed or
-paused jobs; a new job beyond either is refused with 429 and Retry-After. Counted from the
-mirror; with Redis down, from Temporal's visibility (all unfinished jobs against the sum).
+- A tenant's request rate: one sliding-window log per company, whatever token (subject) of it
+  calls, so minting more tokens buys no more requests. With Redis unreachable it fails OPEN for
+  reads (GET/HEAD: status must stay answerable from Temporal) and CLOSED for writes (no job can
+  be started while requests cannot be counted).
+- Failed authentications per client address: past the limit, the address gets 429 with
+  Retry-After, and each API process refuses it without decoding another token until then.
+  With Redis unreachable it fails open (a bad token is still a 401).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import ipaddress
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, Request, status
 from redis.exceptions import RedisError
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
 
 from tenanttune.auth import Principal
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import QUEUES, Settings
+from tenanttune.settings import Settings
 
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 WINDOW_MS = 60_000
 
-# KEYS: the token's log (ZSET). ARGV: now ms, window ms, limit, unique member.
+logger = logging.getLogger(__name__)
+
+# KEYS: the log (ZSET). ARGV: now ms, window ms, limit, unique member.
 # Returns {allowed (1/0), remaining or ms until a slot frees}.
 _SLIDING_WINDOW = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
@@ -43,22 +43,37 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, tonumber(ARGV[3]) - n - 1}
 """
 
+# KEYS: the address's failures (ZSET). ARGV: now ms, window ms, limit, unique member.
+# Records one failure. Returns ms until the address is back under the limit (0: it is).
+_RECORD_FAILURE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+if over <= 0 then
+  return 0
+end
+local frees = redis.call('ZRANGE', KEYS[1], over - 1, over - 1, 'WITHSCORES')
+return tonumber(frees[2]) + tonumber(ARGV[2]) - tonumber(ARGV[1])
+"""
 
-def _too_many(message: str, retry_after_s: int) -> HTTPException:
+
+def _too_many(message: str, retry_after_s: float) -> HTTPException:
     return HTTPException(
         status.HTTP_429_TOO_MANY_REQUESTS,
         message,
-        headers={"Retry-After": str(max(1, retry_after_s))},
+        headers={"Retry-After": str(max(1, -(-int(retry_after_s * 1000) // 1000)))},
     )
 
 
 async def check_rate(request: Request, principal: Principal) -> None:
+    """Count one request against the caller's tenant; 429 past RATE_LIMIT_PER_MINUTE."""
     settings: Settings = request.app.state.settings
     limit = settings.limit(principal.company_id, "rate_limit_per_minute")
     if limit == 0:
         return
     mirror: JobMirror = request.app.state.mirror
-    key = f"{settings.redis_prefix}:ratelimit:{principal.company_id}:{principal.subject}"
+    key = f"{settings.redis_prefix}:ratelimit:{principal.company_id}"
     now = int(time.time() * 1000)
     try:
         allowed, value = await mirror.redis.eval(
@@ -75,102 +90,85 @@ async def check_rate(request: Request, principal: Principal) -> None:
         ) from exc
     if not allowed:
         raise _too_many(
-            f"rate limit: {limit} requests per minute for this token "
-            "(RATE_LIMIT_PER_MINUTE or its TENANT_LIMITS override); slow down",
-            -(-int(value) // 1000),
+            f"rate limit: {limit} requests per minute for tenant '{principal.company_id}', "
+            "all its tokens together (RATE_LIMIT_PER_MINUTE or its TENANT_LIMITS override); "
+            "slow down",
+            int(value) / 1000,
         )
 
 
-async def check_job_quota(
-    settings: Settings, mirror: JobMirror, client: Client, company_id: str
-) -> None:
-    """429 when the tenant already has as many unfinished jobs as its limits allow."""
-    max_running = settings.limit(company_id, "max_running_jobs")
-    max_queued = settings.limit(company_id, "max_queued_jobs")
-    retry_after = settings.quota_retry_after_s
+def client_key(host: str | None) -> str:
+    """Whom failures are counted against: the address, or its /64 for IPv6 (one host commonly
+    holds a whole /64, and would otherwise get a fresh budget per address)."""
+    if not host:
+        return "unknown"
     try:
-        running, queued = await mirror.tenant_load(list(QUEUES), company_id)
-        if running >= max_running or queued >= max_queued:
-            # About to refuse: first forget jobs Temporal has closed but the mirror never heard
-            # of (terminated, timed out, or finished while Redis was down), so a stale entry can
-            # never lock a tenant out.
-            if await _forget_closed(mirror, client, company_id):
-                running, queued = await mirror.tenant_load(list(QUEUES), company_id)
-    except (RedisError, OSError):
-        unfinished = (
-            await client.count_workflows(
-                f"CompanyId = '{company_id}' AND ExecutionStatus = 'Running'"
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class AuthFailures:
+    """Failed authentications per client address (AUTH_FAILURES_PER_MINUTE).
+
+    The count lives in Redis (all API processes); the refusal is also remembered here until its
+    Retry-After, so a blocked address's next requests cost a dict lookup: no Redis round trip,
+    no signature check. The memory is bounded: at most `max_blocked` addresses.
+    """
+
+    def __init__(self, settings: Settings, mirror: JobMirror, max_blocked: int = 10_000) -> None:
+        self.settings = settings
+        self.mirror = mirror
+        self.max_blocked = max_blocked
+        self._blocked: dict[str, float] = {}  # client key -> monotonic time it may retry
+
+    def check(self, client: str) -> None:
+        """429 while `client` is over the limit (before its token is looked at)."""
+        until = self._blocked.get(client)
+        if until is None:
+            return
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._blocked[client]
+            return
+        raise self._refusal(left)
+
+    async def record(self, client: str) -> None:
+        """Count one failure of `client`; 429 (instead of the 401) once it is over the limit."""
+        limit = self.settings.auth_failures_per_minute
+        if limit == 0:
+            return
+        key = f"{self.settings.redis_prefix}:authfail:{client}"
+        now = int(time.time() * 1000)
+        try:
+            wait_ms = await self.mirror.redis.eval(
+                _RECORD_FAILURE, 1, key, now, WINDOW_MS, limit, f"{now}-{uuid.uuid4().hex[:8]}"
             )
-        ).count
-        if unfinished >= max_running + max_queued:
-            raise _too_many(
-                f"company '{company_id}' has {unfinished} unfinished jobs, its limit is "
-                f"{max_running + max_queued} (TENANT_MAX_RUNNING_JOBS + TENANT_MAX_QUEUED_JOBS); "
-                "wait for one to finish",
-                retry_after,
-            ) from None
-        return
-    if running >= max_running:
-        raise _too_many(
-            f"company '{company_id}' has {running} jobs running, its limit is {max_running} "
-            "(TENANT_MAX_RUNNING_JOBS); wait for one to finish",
-            retry_after,
+        except (RedisError, OSError) as exc:
+            logger.warning("failed authentications are not counted (Redis: %s)", exc)
+            return
+        if int(wait_ms) <= 0:
+            return
+        self._remember(client, time.monotonic() + int(wait_ms) / 1000)
+        raise self._refusal(int(wait_ms) / 1000)
+
+    def _remember(self, client: str, until: float) -> None:
+        if len(self._blocked) >= self.max_blocked:
+            now = time.monotonic()
+            self._blocked = {k: t for k, t in self._blocked.items() if t > now}
+            while len(self._blocked) >= self.max_blocked:
+                del self._blocked[next(iter(self._blocked))]  # the oldest refusal goes first
+        self._blocked[client] = until
+
+    def _refusal(self, retry_after_s: float) -> HTTPException:
+        return _too_many(
+            f"too many failed authentications from this address "
+            f"({self.settings.auth_failures_per_minute} per minute, AUTH_FAILURES_PER_MINUTE): "
+            "check your token, then retry after Retry-After seconds",
+            retry_after_s,
         )
-    if queued >= max_queued:
-        raise _too_many(
-            f"company '{company_id}' has {queued} jobs waiting, its limit is {max_queued} "
-            "(TENANT_MAX_QUEUED_JOBS); wait for some to start",
-            retry_after,
-        )
-
-
-async def _forget_closed(mirror: JobMirror, client: Client, company_id: str) -> int:
-    forgotten = 0
-    for queue in QUEUES:
-        for job_id in await mirror.open_jobs(queue, company_id):
-            try:
-                desc = await client.get_workflow_handle(job_id).describe()
-            except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:
-                    raise
-                closed = True
-            else:
-                closed = desc.status != WorkflowExecutionStatus.RUNNING
-            if closed:
-                await mirror.forget_open(queue, company_id, job_id)
-                forgotten += 1
-    return forgotten
-
-
-@contextlib.asynccontextmanager
-async def tenant_submission_lock(mirror: JobMirror, company_id: str) -> AsyncIterator[None]:
-    """Serialise one tenant's quota check + mirror add across API processes (a Redis lock
-    that expires by itself), so concurrent submissions cannot slip past the quota together.
-    Without Redis there is nothing to count against, and nothing to lock."""
-    key = mirror.key("quota", f"lock:{company_id}")
-    token = uuid.uuid4().hex
-    held = False
-    try:
-        deadline = time.monotonic() + 10
-        while not (held := bool(await mirror.redis.set(key, token, nx=True, px=10_000))):
-            if time.monotonic() > deadline:
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE,
-                    f"too many simultaneous submissions for company '{company_id}'; retry",
-                    headers={"Retry-After": "1"},
-                )
-            await asyncio.sleep(0.01)
-    except (RedisError, OSError):
-        held = False
-    try:
-        yield
-    finally:
-        if held:
-            with contextlib.suppress(RedisError, OSError):
-                await mirror.redis.eval(_UNLOCK, 1, key, token)
-
-
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from tenanttune.types import JobOptions
+from jobs.service import RequestedOptions
+from tenanttune.vocab import TAG_RE
+from training.spec import TrainingHyperparameters, wire_fields
 
-LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# pydantic's default (Rust) regex engine reads `$` as the end of the text, never "before a
+# trailing newline" as Python's `re` does: "m1\n" is refused (tests/unit/test_api.py).
+TAG_PATTERN = f"^{TAG_RE.pattern}$"
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -41,16 +42,23 @@ class JobOptionsBody(BaseModel):
     )
     removeOnFail: bool | int | None = Field(None, description="like removeOnComplete")
 
-    def job_options(self, default_attempts: int, default_backoff_ms: int) -> JobOptions:
-        backoff = self.backoff or Backoff(delay=default_backoff_ms)
-        return JobOptions(
-            attempts=self.attempts or default_attempts,
-            backoff_type=backoff.type,
-            backoff_delay_ms=backoff.delay,
+    def requested_options(self) -> RequestedOptions:
+        return RequestedOptions(
+            attempts=self.attempts,
+            backoff_type=self.backoff.type if self.backoff else None,
+            backoff_delay_ms=self.backoff.delay if self.backoff else None,
             delay_ms=self.delay,
             priority=self.priority or 0,
             remove_on_complete=_retention(self.removeOnComplete),
             remove_on_fail=_retention(self.removeOnFail),
+        )
+
+    def sent(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(Bull's job.data, job.opts) as the client sent them, for the mirror."""
+        options = set(JobOptionsBody.model_fields)
+        return (
+            self.model_dump(exclude_none=True, exclude=options),
+            self.model_dump(exclude_none=True, include=options),
         )
 
 
@@ -62,22 +70,39 @@ def _retention(value: bool | int | None) -> int:
     return max(int(value), 0)
 
 
-class TrainBody(JobOptionsBody):
-    epochs: int = Field(3, ge=1, le=50, description="passes over the training data")
-    batchSize: int = Field(4, ge=1, le=256, description="examples per micro-batch")
-    learningRate: float = Field(2e-4, gt=0, le=0.01, description="peak learning rate")
-    loraRank: int = Field(8, ge=1, le=256)
-    loraAlpha: int = Field(16, ge=1, le=1024)
-    loraDropout: float = Field(0.05, ge=0, lt=1)
-    targetModules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
-    )
-    maxSeqLength: int = Field(256, ge=32, le=8192)
-    gradientAccumulation: int = Field(1, ge=1, le=64)
-    seed: int = Field(42, ge=0, le=2**31 - 1)
+def _hyperparameter_fields() -> dict[str, Any]:
+    """TrainBody's hyperparameter fields, made from the one spec (training/spec.py)."""
+    out: dict[str, Any] = {}
+    for alias, kind, default, meta in wire_fields():
+        bounds: dict[str, Any] = {k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta}
+        if "choices" in meta:
+            kind = Annotated[list[str], AfterValidator(_one_of(alias, meta["choices"]))]
+            bounds["min_length"] = 1
+        out[alias] = (kind, Field(default, description=meta["help"], **bounds))
+    return out
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Any:
+    def check(value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(choices))
+        if unknown:
+            raise ValueError(f"unknown {name} {unknown}; choose from {sorted(choices)}")
+        return value
+
+    return check
+
+
+_HyperparametersBody: Any = create_model(
+    "HyperparametersBody", __base__=JobOptionsBody, **_hyperparameter_fields()
+)
+
+
+class TrainBody(_HyperparametersBody):  # type: ignore[misc]
+    """The hyperparameters (from the spec), Bull's job options, and what to do with the model."""
+
     version: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+        pattern=TAG_PATTERN,
         description="model version; default: the job id",
     )
     baseModel: str | None = Field(
@@ -89,17 +114,12 @@ class TrainBody(JobOptionsBody):
     autoDeploy: bool = Field(False, description="deploy the model when training succeeds")
     deployVersion: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+        pattern=TAG_PATTERN,
         description="tag of the auto-deployed model; default: the model version",
     )
 
-    @field_validator("targetModules")
-    @classmethod
-    def _known_modules(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - LORA_MODULES)
-        if unknown:
-            raise ValueError(f"unknown module(s) {unknown}; choose from {sorted(LORA_MODULES)}")
-        return value
+    def hyperparameters(self) -> TrainingHyperparameters:
+        return TrainingHyperparameters.from_wire(self.model_dump())
 
 
 class TrainAccepted(BaseModel):

@@ -102,7 +102,9 @@ def run(runs: int = 2) -> Section:
         models_dir=root / "models",
         redis_url=REDIS_URL,
     )
-    acts = DeploymentActivities(settings, StatusActivities(JobMirror.from_url(settings.redis_url)))
+    acts = DeploymentActivities(
+        settings, StatusActivities(JobMirror.from_url(settings.redis_url), settings)
+    )
     try:
         tiny_src = build_tiny_base(REPO / ".tenanttune" / "base" / "tiny-mistral")
         tiny = root / "tiny"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import secrets
 import shutil
 import socket
 import statistics
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tenanttune import stack  # noqa: E402
+from cli import stack  # noqa: E402
 from tenanttune.auth import mint_token  # noqa: E402
 from tenanttune.settings import Settings  # noqa: E402
 
@@ -148,6 +149,7 @@ class PrivateStack:
         self.root = Path(tempfile.mkdtemp(prefix="tt-bench-"))
         self.settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
+            jwt_secret=secrets.token_urlsafe(32),  # none is built in; the stack gets this one
             state_dir=self.root / "state",
             data_dir=self.root / "data",
             models_dir=self.root / "models",

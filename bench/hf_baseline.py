@@ -25,6 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from training.spec import TrainingHyperparameters  # noqa: E402
 from training.train import TrainConfig, add_lora, evaluate, load_base, load_split  # noqa: E402
 
 
@@ -66,38 +67,41 @@ def main() -> None:
         train_file=args.train_file,
         output_dir=args.output_dir,
         eval_file=args.eval_file,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_seq_len=args.max_seq_len,
-        seed=args.seed,
+        hyperparameters=TrainingHyperparameters(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+        ),
     )
-    set_seed(cfg.seed)
+    hp = cfg.hyperparameters
+    set_seed(hp.seed)
     tokenizer, model = load_base(cfg)
     model = add_lora(model, cfg)
     tokenizer.pad_token = tokenizer.eos_token  # the usual choice for a base without a pad token
     tokenizer.padding_side = "right"  # the usual for training (positions start at 0)
     pad_id = tokenizer.pad_token_id
 
-    train_data = load_split(cfg.train_file, tokenizer, cfg.max_seq_len)
-    eval_data = load_split(cfg.eval_file, tokenizer, cfg.max_seq_len)
+    train_data = load_split(cfg.train_file, tokenizer, hp.max_seq_len)
+    eval_data = load_split(cfg.eval_file, tokenizer, hp.max_seq_len)
     features = [
         {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
         for ids, labels in train_data
     ]
     # The same warm-up length as training.train (warmup_ratio of the optimizer steps).
-    total_steps = math.ceil(len(features) / cfg.batch_size) * cfg.epochs
+    total_steps = math.ceil(len(features) / hp.batch_size) * hp.epochs
     warmup = max(1, int(total_steps * cfg.warmup_ratio))
 
-    first_eval = evaluate(model, eval_data, pad_id, cfg.batch_size)
+    first_eval = evaluate(model, eval_data, pad_id, hp.batch_size)
     collator = CountingCollator(tokenizer)
     training_args = TrainingArguments(
         output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.batch_size,
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=hp.batch_size,
+        num_train_epochs=hp.epochs,
+        learning_rate=hp.learning_rate,
         warmup_steps=warmup,
-        seed=cfg.seed,
+        seed=hp.seed,
         use_cpu=True,
         save_strategy="no",
         report_to="none",
@@ -108,7 +112,7 @@ def main() -> None:
         model=model, args=training_args, train_dataset=features, data_collator=collator
     )
     out = trainer.train()
-    last_eval = evaluate(model, eval_data, pad_id, cfg.batch_size)
+    last_eval = evaluate(model, eval_data, pad_id, hp.batch_size)
     model.save_pretrained(cfg.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(cfg.output_dir)
     runtime = float(out.metrics["train_runtime"])

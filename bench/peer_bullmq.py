@@ -27,10 +27,11 @@ from harness import REPO, PrivateStack, Row, Section, machine, median, pct, toda
 from job_latency import Latency
 from status_queries import fill_mirror
 
-from tenanttune.jobs import JobState
+from jobs.bull import Queue
+from jobs.service import JobService
 from tenanttune.mirror import JobMirror
-from tenanttune.queues import Queue
-from tenanttune.settings import TRAINING_QUEUE
+from tenanttune.settings import TRAINING_QUEUE, Settings
+from tenanttune.vocab import JobState
 
 PEERS = REPO / "bench" / "peers"
 PEER_REDIS_URL = os.environ.get("PEER_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -85,7 +86,7 @@ def run(
     assert node.stdin is not None and node.stdout is not None
     prefix = f"bull-bench-{uuid.uuid4().hex[:8]}"
     mirror = JobMirror.from_url(PEER_REDIS_URL, prefix)
-    queue = Queue(TRAINING_QUEUE, mirror, _no_temporal)
+    queue = Queue(TRAINING_QUEUE, JobService(Settings(), mirror, _no_temporal))
     job_id = "train-peer-0000000000000001"
     status: list[tuple[int, list[float], list[float]]] = []
     loop = asyncio.new_event_loop()

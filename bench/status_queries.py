@@ -37,9 +37,9 @@ from harness import (
     wait_finished,
 )
 
-from tenanttune.jobs import JobState
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import TRAINING_QUEUE
+from tenanttune.vocab import JobState
 
 COMPANY = "status"
 HP: dict[str, object] = {"epochs": 1, "batchSize": 8, "learningRate": 0.002}

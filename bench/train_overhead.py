@@ -35,6 +35,9 @@ from harness import (
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
+from training.spec import TrainingHyperparameters
+from training.train import TrainConfig
+
 COMPANY = "overhead"
 
 
@@ -65,14 +68,17 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 def run_bare(st: PrivateStack, body: dict[str, Any], out: Path) -> tuple[float, float]:
     """(wall s, s from process start to the `start` event: imports, model load, tokenise)."""
     s = st.settings
-    cmd = [
-        sys.executable, "-m", "training.train", "--base-model", str(s.tiny_base_dir),
-        "--train-file", str(s.data_dir / f"{COMPANY}-training.jsonl"),
-        "--eval-file", str(s.data_dir / f"{COMPANY}-validation.jsonl"),
-        "--output-dir", str(out), "--epochs", str(body["epochs"]),
-        "--batch-size", str(body["batchSize"]), "--learning-rate", str(body["learningRate"]),
-        "--save-steps", str(s.train_save_steps), "--max-seq-len", str(s.train_max_seq_len),
-    ]  # fmt: skip
+    cfg = TrainConfig(
+        base_model=str(s.tiny_base_dir),
+        train_file=str(s.data_dir / f"{COMPANY}-training.jsonl"),
+        eval_file=str(s.data_dir / f"{COMPANY}-validation.jsonl"),
+        output_dir=str(out),
+        hyperparameters=TrainingHyperparameters.from_wire(body),
+        save_steps=s.train_save_steps,
+    )
+    config = out.with_name(out.name + "-config.json")
+    config.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "training.train", "--config", str(config)]
     done = run_measured(cmd)
     start = next(json.loads(x) for x in done.stdout.splitlines() if '"start"' in x)
     shutil.rmtree(out, ignore_errors=True)

@@ -24,6 +24,8 @@ from typing import Any
 from harness import BENCH_DIR, REPO, Row, Section, machine, median, run_measured, span, today
 
 from training.base_model import build_tiny_base
+from training.spec import TrainingHyperparameters
+from training.train import TrainConfig
 
 # ~26M parameters: 8 layers of hidden 512 (GQA 8/4 heads), SwiGLU 1536, vocab 512.
 BENCH_MODEL = {
@@ -97,12 +99,11 @@ class Run:
 
 
 def ours(model: Path, train: Path, eval_: Path, out: Path) -> Run:
-    cmd = [
-        sys.executable, "-m", "training.train", "--base-model", str(model),
-        "--train-file", str(train), "--eval-file", str(eval_), "--output-dir", str(out),
-        "--epochs", "1", "--batch-size", str(BATCH), "--learning-rate", str(LR),
-        "--max-seq-len", str(MAX_SEQ), "--seed", "42",
-    ]  # fmt: skip
+    hp = TrainingHyperparameters(epochs=1, batch_size=BATCH, learning_rate=LR, max_seq_len=MAX_SEQ)
+    cfg = TrainConfig(str(model), str(train), str(out), hyperparameters=hp, eval_file=str(eval_))
+    config = out.with_name(out.name + "-config.json")
+    config.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "training.train", "--config", str(config)]
     done = run_measured(cmd)
     events = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     m: dict[str, Any] = next(e for e in events if e["event"] == "done")["metrics"]

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tenanttune.auth import mint_token
+from tenanttune.auth import LOCAL_SECRET_FILE, mint_token, with_local_secret
 from tenanttune.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -28,8 +28,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="run in the background")] = False,
 ) -> None:
-    """Start Temporal, Redis, the API and a worker (only what is not configured elsewhere)."""
-    from tenanttune import stack
+    """Start Temporal, Redis, the API and a worker (only what is not configured elsewhere),
+    kept by supervisord: a program that dies is restarted, the others keep running."""
+    from cli import stack
 
     settings = get_settings()
     if detach:
@@ -39,11 +40,11 @@ def up(
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from exc
         verb = "was already running" if info.already_running else "is running in the background"
-        console.print(f"the stack {verb} (supervisor pid {info.supervisor_pid})")
+        console.print(f"the stack {verb} (supervisord pid {info.supervisor_pid})")
         console.print(f"  API        {info.api_url}")
         console.print(f"  Temporal   {info.temporal_address}   Web UI {info.temporal_ui_url}")
-        console.print(f"  Redis      {info.redis_url}")
-        console.print(f"  logs       {info.log_dir}")
+        console.print(f"  Redis      {stack.redact_url(info.redis_url)}")
+        console.print(f"  logs       {info.log_dir}   (`tenanttune status`, `tenanttune down`)")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -52,13 +53,13 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop a stack started with `tenanttune up --detach`."""
-    from tenanttune import stack
+    """Stop the stack started with `tenanttune up` (detached or not)."""
+    from cli import stack
 
     if stack.stop(get_settings()):
         console.print("stack stopped")
     else:
-        console.print("no detached stack was running")
+        console.print("no stack was running")
 
 
 @app.command()
@@ -68,7 +69,7 @@ def status() -> None:
 
 
 def _print_status(settings: Settings) -> None:
-    from tenanttune import stack
+    from cli import stack
 
     for c in stack.status(settings):
         mark = "[green]✓[/green]" if c.healthy else "[red]✗[/red]"
@@ -82,8 +83,16 @@ def token(
     admin: Annotated[bool, typer.Option(help="an admin token (queue control)")] = False,
     ttl: Annotated[int, typer.Option(help="seconds until it expires")] = 24 * 3600,
 ) -> None:
-    """Mint a bearer token for the API."""
-    print(mint_token(get_settings(), company, admin=admin, ttl_s=ttl))
+    """Mint a bearer token for the API (no JWT_SECRET set: the local stack's, in STATE_DIR)."""
+    settings = get_settings()
+    signing = with_local_secret(settings)
+    if signing is not settings:
+        typer.echo(
+            "JWT_SECRET is unset: signed with the local stack's secret "
+            f"({settings.state_dir / LOCAL_SECRET_FILE})",
+            err=True,
+        )
+    print(mint_token(signing, company, admin=admin, ttl_s=ttl))
 
 
 @app.command()
@@ -96,7 +105,7 @@ def demo(
     version: Annotated[str, typer.Option(help="tag of the deployed model")] = "demo",
 ) -> None:
     """Upload sample data, train through the API with live progress, deploy, ask the model."""
-    from tenanttune import stack
+    from cli import stack
 
     settings = get_settings()
     base = f"http://{settings.api_host}:{settings.api_port}"
@@ -106,7 +115,7 @@ def demo(
         stack.start_detached(settings)
         started = True
     try:
-        headers = {"Authorization": f"Bearer {mint_token(settings, company)}"}
+        headers = {"Authorization": f"Bearer {mint_token(with_local_secret(settings), company)}"}
         with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
             _upload_examples(http, company)
             body = {
@@ -133,16 +142,16 @@ def demo(
             _fail_unless_completed(job)
             result = job["result"]
             metrics = result["metrics"]
-            console.print(f"[green]trained[/green] model: [bold]{result['model_path']}[/bold]")
+            console.print(f"[green]trained[/green] model: [bold]{result['modelPath']}[/bold]")
             console.print(
-                f"  train loss {metrics['train_loss']:.3f}   eval loss "
-                f"{metrics['first_eval_loss']:.3f} → {metrics['eval_loss']:.3f}   "
-                f"{metrics['tokens_per_s']:.0f} tokens/s   {metrics['steps']} steps"
+                f"  train loss {metrics['trainLoss']:.3f}   eval loss "
+                f"{metrics['firstEvalLoss']:.3f} → {metrics['evalLoss']:.3f}   "
+                f"{metrics['tokensPerS']:.0f} tokens/s   {metrics['steps']} steps"
             )
             if not deploy:
                 console.print(json.dumps(result, indent=2))
                 return
-            body = {"modelPath": result["model_path"], "version": version}
+            body = {"modelPath": result["modelPath"], "version": version}
             queued = _check(http.post(f"/api/ai/models/{company}/deploy", json=body))
             console.print(f"queued [bold]{queued['jobId']}[/bold] → {queued['modelName']}")
             job = _follow(http, queued["jobId"])
@@ -150,14 +159,14 @@ def demo(
         deployed = job["result"]
         check = deployed["verification"]
         console.print(
-            f"[green]deployed[/green] [bold]{deployed['model_name']}[/bold] "
+            f"[green]deployed[/green] [bold]{deployed['modelName']}[/bold] "
             f"({deployed['target']}: {deployed['location']})"
         )
         console.print(f"  asked:  {check['prompt']}")
         console.print(f"  answer: {check['text'].strip()}")
         console.print(
-            f"  {check['tokens']} tokens in {check['latency_s']:.2f} s "
-            f"({check['tokens_per_s']:.0f} tokens/s, llama.cpp)"
+            f"  {check['tokens']} tokens in {check['latencyS']:.2f} s "
+            f"({check['tokensPerS']:.0f} tokens/s, llama.cpp)"
         )
     finally:
         if started and not keep_running:
@@ -242,9 +251,9 @@ QueueName = Annotated[str, typer.Argument(help="model-training or model-deployme
 
 
 def _queue_for(job_id: str) -> Any:
-    from tenanttune.jobs import queue_of
-    from tenanttune.queues import get_deployment_queue, get_training_queue
+    from jobs.bull import get_deployment_queue, get_training_queue
     from tenanttune.settings import TRAINING_QUEUE
+    from tenanttune.vocab import queue_of
 
     queue = queue_of(job_id)
     if queue is None:
@@ -254,7 +263,7 @@ def _queue_for(job_id: str) -> Any:
 
 
 def _named_queue(name: str) -> Any:
-    from tenanttune.queues import get_deployment_queue, get_training_queue
+    from jobs.bull import get_deployment_queue, get_training_queue
     from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE
 
     if name == TRAINING_QUEUE:
@@ -268,11 +277,11 @@ def _named_queue(name: str) -> Any:
 def _run(coro: Any) -> Any:
     import asyncio
 
-    from tenanttune.queues import JobStateError
+    from jobs.errors import JobError
 
     try:
         return asyncio.run(coro)
-    except JobStateError as exc:
+    except JobError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
 
@@ -286,7 +295,7 @@ def jobs_list(
     limit: Annotated[int, typer.Option(help="newest N")] = 20,
 ) -> None:
     """List jobs of both queues, newest first."""
-    from tenanttune.queues import get_deployment_queue, get_training_queue
+    from jobs.bull import get_deployment_queue, get_training_queue
 
     async def collect() -> list[Any]:
         found = []
@@ -319,12 +328,13 @@ def jobs_watch(job_id: str) -> None:
     """A live progress bar with step, loss and ETA until the job finishes."""
     import asyncio
 
-    from tenanttune.status_read import job_from_temporal
+    from jobs.read import job_from_temporal
 
     queue = _queue_for(job_id)
+    settings = get_settings()
 
     async def watch() -> Any:
-        client = await queue.client()
+        client = await queue.jobs.client()
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -336,7 +346,7 @@ def jobs_watch(job_id: str) -> None:
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("waiting", total=100, eta="?")
             while True:
-                info = await job_from_temporal(client, queue.name, job_id)
+                info = await job_from_temporal(client, queue.name, job_id, settings)
                 if info is None:
                     console.print(f"[red]job '{job_id}' not found[/red]")
                     raise typer.Exit(1)
@@ -417,14 +427,10 @@ def queue_clean(
 @cache_app.command("rebuild")
 def cache_rebuild() -> None:
     """Rebuild the Redis mirror from Temporal's visibility (e.g. after a Redis flush)."""
-    from tenanttune.queues import get_training_queue, rebuild_cache
+    from jobs.service import job_service
 
-    queue = get_training_queue()
-
-    async def rebuild() -> int:
-        return await rebuild_cache(await queue.client(), queue.mirror)
-
-    console.print(f"restored {_run(rebuild())} jobs into the mirror")
+    restored = _run(job_service(get_settings()).rebuild_cache())
+    console.print(f"restored {restored} jobs into the mirror")
 
 
 @app.command()
@@ -471,7 +477,7 @@ def selftest(
     """Check Temporal, Redis, workers and the models dir, then train one step end to end."""
     import asyncio
 
-    from tenanttune.selftest import Check, run_selftest
+    from cli.selftest import Check, run_selftest
 
     def report(check: Check) -> None:
         mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"

@@ -4,6 +4,7 @@ with a hint when it fails, then a one-step training job end to end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,11 +16,11 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
-from tenanttune.jobs import new_job_id
+from jobs.service import JobService, TrainSubmission
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import QUEUES, TRAINING_QUEUE, Settings
-from tenanttune.temporal import SEARCH_ATTRIBUTES, connect, job_start_metadata, pollers
-from tenanttune.types import TrainingHyperparameters, TrainRequest
+from tenanttune.settings import QUEUES, SLOT_QUEUES, TRAINING_QUEUE, Settings
+from tenanttune.temporal import SEARCH_ATTRIBUTES, connect, pollers
+from tenanttune.types import TrainingHyperparameters
 
 SELFTEST_TENANT = "selftest"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tenants" / "acme"
@@ -123,19 +124,25 @@ async def _redis(settings: Settings, done: Callable[[Check], Check]) -> None:
 
 
 async def _pollers(client: Client, done: Callable[[Check], Check]) -> set[str]:
+    """The job queues fully polled: workflows and activities, and the slot queue if it has one."""
     polled = set()
-    for queue in QUEUES:
+    # Each job queue, and the activity-only queue of its worker's slots (train_model).
+    checked = [(q, q, True) for q in QUEUES] + [(s, q, False) for q, s in SLOT_QUEUES.items()]
+    for name, queue, workflows in checked:
         try:
-            found = await pollers(client, queue)
+            found = await pollers(client, name)
         except Exception as exc:  # noqa: BLE001
-            done(Check(f"workers on {queue}", False, str(exc)))
+            done(Check(f"workers on {name}", False, str(exc)))
+            polled.discard(queue)
             continue
-        ok = bool(found["workflow"]) and bool(found["activity"])
-        if ok:
+        ok = bool(found["activity"]) and (bool(found["workflow"]) or not workflows)
+        if ok and workflows:
             polled.add(queue)
+        elif not ok:
+            polled.discard(queue)
         done(
             Check(
-                f"workers on {queue}",
+                f"workers on {name}",
                 ok,
                 ", ".join(found["activity"]) if ok else "no worker is polling this queue",
                 "" if ok else f"start one: python worker.py --queues {queue}",
@@ -161,7 +168,8 @@ def _models_dir(settings: Settings) -> Check:
 
 
 async def _training_job(client: Client, settings: Settings, timeout_s: float) -> Check:
-    """A one-step training of the `selftest` tenant on a dozen sample examples."""
+    """A one-step training of the `selftest` tenant on a dozen sample examples, queued through
+    the same front door as every API job."""
     lines = max(settings.min_examples + 4, 12)
     target = settings.tenant_data_dir(SELFTEST_TENANT)
     target.mkdir(parents=True, exist_ok=True)
@@ -169,47 +177,53 @@ async def _training_job(client: Client, settings: Settings, timeout_s: float) ->
     with source.open() as fh:
         chosen = [line for _, line in zip(range(lines), fh, strict=False)]
     (target / "selftest.jsonl").write_text("".join(chosen))
-    job_id = new_job_id(TRAINING_QUEUE, SELFTEST_TENANT)
-    req = TrainRequest(
-        job_id=job_id,
-        company_id=SELFTEST_TENANT,
-        # One batch holds every example: exactly one optimizer step.
-        hyperparameters=TrainingHyperparameters(epochs=1, batch_size=lines),
-        base_model=settings.base_model,
-        train_timeout_s=int(timeout_s),
-        heartbeat_timeout_s=settings.train_heartbeat_timeout_s,
-        save_steps=settings.train_save_steps,
+    jobs = JobService(
+        settings,
+        JobMirror.from_url(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s),
+        lambda: _ready(client),
     )
-    from workflows.training import TrainingWorkflow
-
+    # One batch holds every example: exactly one optimizer step.
+    submission = TrainSubmission(
+        hyperparameters=TrainingHyperparameters(epochs=1, batch_size=lines)
+    )
     started = time.monotonic()
+    job_id = "(not queued)"
     try:
-        handle = await client.start_workflow(
-            TrainingWorkflow.run,
-            req,
-            id=job_id,
-            task_queue=TRAINING_QUEUE,
-            execution_timeout=timedelta(seconds=timeout_s),
-            **job_start_metadata(req),
-        )
-        result = await asyncio.wait_for(handle.result(), timeout_s)
+        job_id = (await jobs.train(SELFTEST_TENANT, submission)).job_id
+        info = await jobs.wait(job_id, timeout_s)
     except Exception as exc:  # noqa: BLE001
+        return Check("training job", False, f"{job_id}: {exc}", _show_hint(job_id))
+    finally:
+        await jobs.mirror.close()
+    if info.state != "completed":
+        if info.state not in ("failed",):
+            with contextlib.suppress(Exception):
+                await jobs.cancel(job_id)
         return Check(
             "training job",
             False,
-            f"{job_id}: {getattr(exc, 'cause', None) or exc}",
-            f"see `temporal workflow show --workflow-id {job_id}` and the worker's log",
+            f"{job_id}: {info.state} after {time.monotonic() - started:.0f} s "
+            f"{info.failedReason or ''}".rstrip(),
+            _show_hint(job_id),
         )
-    steps = result.metrics.get("steps")
-    loss = result.metrics.get("train_loss")
+    metrics = (info.result or {}).get("metrics", {})
+    steps, loss = metrics.get("steps"), metrics.get("trainLoss")
     loss_text = f"{loss:.3f}" if isinstance(loss, float) else str(loss)
     return Check(
         "training job",
         steps == 1,
         f"{job_id}: {steps} step, loss {loss_text}, {time.monotonic() - started:.1f} s, "
-        f"model at {result.model_path}",
+        f"model at {(info.result or {}).get('modelPath')}",
         "" if steps == 1 else "expected exactly one training step",
     )
+
+
+async def _ready(client: Client) -> Client:
+    return client
+
+
+def _show_hint(job_id: str) -> str:
+    return f"see `temporal workflow show --workflow-id {job_id}` and the worker's log"
 
 
 def _redacted(url: str) -> str:

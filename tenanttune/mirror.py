@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from tenanttune.jobs import JobState
+from tenanttune.vocab import JobState
 
 LISTS = {JobState.WAITING: "wait", JobState.ACTIVE: "active", JobState.PAUSED: "paused"}
 ZSETS = {JobState.DELAYED: "delayed", JobState.COMPLETED: "completed", JobState.FAILED: "failed"}
@@ -28,8 +28,8 @@ EVENTS_TTL_S = 7 * 24 * 3600
 
 # KEYS: job hash, the six collections, the tenant's index, the tenant's unfinished set.
 # ARGV: job id, target index (1-based into the six), score, only_if_new ("1": do nothing
-# when the hash exists), keep (retention of the target ZSET: -1 all, N newest N), the
-# queue's key prefix, field/value pairs.
+# when the hash exists), keep (retention in the target ZSET among this tenant's jobs: -1 all,
+# N newest N), the queue's key prefix, field/value pairs.
 _MOVE = """
 local exists = redis.call('EXISTS', KEYS[1])
 if ARGV[4] == '1' and exists == 1 then return 0 end
@@ -47,15 +47,23 @@ else redis.call('SREM', KEYS[9], ARGV[1]) end
 local keep = tonumber(ARGV[5])
 if keep == 0 and target > 4 then
   redis.call('ZREM', KEYS[target], ARGV[1])
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[1] .. ':events')
   redis.call('ZREM', KEYS[8], ARGV[1])
 elseif keep > 0 and target > 4 then
-  local excess = redis.call('ZRANGE', KEYS[target], 0, -(keep + 1))
-  for _, id in ipairs(excess) do
-    local company = redis.call('HGET', ARGV[6] .. id, 'companyId')
-    redis.call('ZREM', KEYS[target], id)
-    redis.call('DEL', ARGV[6] .. id)
-    if company then redis.call('ZREM', ARGV[6] .. 'company:' .. company, id) end
+  -- Bull's keep-N, within this tenant's own jobs: another tenant's are never touched.
+  local mine = {}
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
+    local score = redis.call('ZSCORE', KEYS[target], id)
+    if score then mine[#mine + 1] = {tonumber(score), id} end
+  end
+  if #mine > keep then
+    table.sort(mine, function(a, b) return a[1] < b[1] end)
+    for i = 1, #mine - keep do
+      local id = mine[i][2]
+      redis.call('ZREM', KEYS[target], id)
+      redis.call('DEL', ARGV[6] .. id, ARGV[6] .. id .. ':events')
+      redis.call('ZREM', KEYS[8], id)
+    end
   end
 end
 return 1
@@ -230,6 +238,24 @@ class JobMirror:
                 pipe.zrem(self.key(queue, f"company:{company}"), job_id)
                 pipe.srem(self.key(queue, f"company:{company}:open"), job_id)
             await pipe.execute()
+
+    async def requeue_failed(
+        self, queue: str, job_id: str, company_id: str, attempts_made: int
+    ) -> bool:
+        """A failed job back to waiting for its retry, its old failure and events forgotten.
+        False (and nothing changed) unless the job is failed here."""
+        if await self.state_of(queue, job_id) != JobState.FAILED:
+            return False
+        moved = await self.move(
+            queue,
+            job_id,
+            JobState.WAITING,
+            {"failedReason": "", "finishedOn": "", "progress": 0, "attemptsMade": attempts_made},
+            company_id=company_id,
+        )
+        if moved:  # the new run's event stream starts empty, not with the old failure
+            await self.redis.delete(self.events_key(queue, job_id))
+        return moved
 
     async def open_jobs(self, queue: str, company_id: str) -> list[str]:
         """The tenant's jobs in this queue that the mirror counts as not finished."""

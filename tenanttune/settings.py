@@ -13,8 +13,16 @@ TRAINING_QUEUE = "model-training"
 DEPLOYMENT_QUEUE = "model-deployment"
 QUEUES = (TRAINING_QUEUE, DEPLOYMENT_QUEUE)
 
-# Used only when ENVIRONMENT=development; the API refuses to sign or accept it elsewhere.
-DEV_JWT_SECRET = "tenanttune-dev-secret-change-me-0123456789"
+
+def slots_queue(task_queue: str) -> str:
+    """The task queue of `train_model` for workflows on `task_queue`: a training worker polls it
+    only while it has a free training slot, so jobs beyond its capacity wait in Temporal."""
+    return f"{task_queue}-slots"
+
+
+TRAINING_SLOTS_QUEUE = slots_queue(TRAINING_QUEUE)
+# Activity-only task queues a worker of a job queue also polls (readiness checks them too).
+SLOT_QUEUES = {TRAINING_QUEUE: TRAINING_SLOTS_QUEUE}
 
 
 class TenantLimits(BaseModel):
@@ -25,6 +33,11 @@ class TenantLimits(BaseModel):
     max_running_jobs: int | None = Field(default=None, ge=1)
     max_queued_jobs: int | None = Field(default=None, ge=1)
     rate_limit_per_minute: int | None = Field(default=None, ge=0)
+    max_data_bytes: int | None = Field(default=None, ge=0)
+    max_data_files: int | None = Field(default=None, ge=1)
+    max_event_streams: int | None = Field(default=None, ge=1)
+    # Set by an admin for the tenant's plan: Bull's priority of all its jobs (1 is the highest).
+    priority: int | None = Field(default=None, ge=1, le=5)
 
 
 class Settings(BaseSettings):
@@ -32,7 +45,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    environment: Literal["development", "production"] = "development"
+    # Production unless development is asked for: development opens /docs and /metrics and
+    # accepts a short JWT_SECRET (README "Security").
+    environment: Literal["development", "production"] = "production"
 
     # Temporal
     temporal_address: str = "localhost:7233"
@@ -70,7 +85,11 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    jwt_secret: str = DEV_JWT_SECRET
+    jwt_secret: str = Field(
+        default="",
+        description="HS256 signing secret, 32+ characters; no default: the API refuses to start "
+        "without one (`tenanttune up` and `tenanttune token` use STATE_DIR/jwt-secret)",
+    )
     jwt_ttl_s: int = 24 * 3600
     # Tokens (README "Security"): HS256 with JWT_SECRET, or RS256 verified with a PEM public
     # key or a JWKS file (keys picked by the token's `kid`). Only this one algorithm is accepted.
@@ -83,6 +102,31 @@ class Settings(BaseSettings):
     jwt_key_id: str = ""
     jwt_issuer: str = Field(default="", description="when set, tokens must carry this `iss`")
     jwt_audience: str = Field(default="", description="when set, tokens must carry this `aud`")
+    # Hostile-caller limits (README "Security"), enforced before a request body is read.
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest JSON request body (uploads: MAX_UPLOAD_BYTES)",
+    )
+    auth_failures_per_minute: int = Field(
+        default=30,
+        ge=0,
+        description="failed authentications one client address may make per minute before "
+        "every request from it gets 429; 0: no limit",
+    )
+    readyz_cache_s: float = Field(
+        default=5.0, ge=0, description="seconds one readiness check answers /readyz for"
+    )
+
+    idempotency_secret: str = Field(
+        default="",
+        description="keys the job ids derived from Idempotency-Key (empty: JWT_SECRET); set it "
+        "with RS256, where there is no shared secret",
+    )
+
+    @property
+    def idempotency_key_secret(self) -> str:
+        return self.idempotency_secret or self.jwt_secret
 
     # Dataset rules
     min_examples: int = Field(
@@ -105,7 +149,20 @@ class Settings(BaseSettings):
         default="", description="bearer token the Prometheus scraper sends to the API's /metrics"
     )
     rate_limit_per_minute: int = Field(
-        default=600, ge=0, description="requests per token subject per minute; 0: no limit"
+        default=600, ge=0, description="requests per tenant (all its tokens) per minute; 0: none"
+    )
+    tenant_max_data_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=0, description="a tenant's uploaded training data, in bytes"
+    )
+    tenant_max_data_files: int = Field(default=100, ge=1, description="a tenant's dataset files")
+    tenant_max_event_streams: int = Field(
+        default=8, ge=1, description="a tenant's open /events streams (SSE) at once"
+    )
+    event_stream_max_s: int = Field(
+        default=3600, ge=10, description="an /events stream ends after this long; reconnect"
+    )
+    tenant_priority: int = Field(
+        default=0, ge=0, le=5, description="Bull priority of a tenant's jobs (0: none); per plan"
     )
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
     quota_retry_after_s: int = Field(default=30, ge=1, description="Retry-After of a quota 429")
@@ -132,7 +189,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="base models a request may name (`baseModel`); BASE_MODEL is always allowed",
     )
-    worker_max_concurrent_trainings: int = 1
+    worker_max_concurrent_trainings: int = Field(
+        default=1,
+        ge=1,
+        description="trainings one training worker runs at once (= its GPUs); more jobs wait "
+        "in Temporal's task queue",
+    )
 
     # Operations: traces, metrics, logs (see README "Operations")
     otel_exporter_otlp_endpoint: str = Field(
@@ -161,7 +223,8 @@ class Settings(BaseSettings):
         value = getattr(override, name, None) if override else None
         if value is not None:
             return int(value)
-        return int(getattr(self, "tenant_" + name if name.endswith("jobs") else name))
+        default = getattr(self, "tenant_" + name, None)
+        return int(default if default is not None else getattr(self, name))
 
     @property
     def tiny_base_dir(self) -> Path:

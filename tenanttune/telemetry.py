@@ -41,8 +41,8 @@ from temporalio.worker import (
     Interceptor,
 )
 
-from tenanttune.jobs import queue_of
 from tenanttune.settings import Settings
+from tenanttune.vocab import queue_of
 
 log = logging.getLogger("tenanttune.activity")
 
@@ -82,7 +82,7 @@ MIRROR_UP = Gauge("tenanttune_mirror_up", "1 when the Redis mirror answered the 
 # The same series as OpenTelemetry instruments, exported over OTLP when an endpoint is set
 # (no-ops otherwise). Prometheus stays the source for `/metrics`; these only mirror it.
 _meter = metrics.get_meter("tenanttune")
-_OTEL_JOBS = _meter.create_counter("tenanttune.jobs", "{job}", "Jobs finished")
+_OTEL_JOBS = _meter.create_counter("tenanttune.vocab", "{job}", "Jobs finished")
 _OTEL_JOB_SECONDS = _meter.create_histogram("tenanttune.job.duration", "s", "Job wall time")
 _OTEL_STAGE_SECONDS = _meter.create_histogram(
     "tenanttune.stage.duration", "s", "Activity attempt wall time"

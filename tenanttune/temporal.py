@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,34 @@ JOB_KIND = SearchAttributeKey.for_keyword("JobKind")
 MODEL_VERSION = SearchAttributeKey.for_keyword("ModelVersion")
 # Every search attribute a job carries; a Temporal server must have them registered.
 SEARCH_ATTRIBUTES = (COMPANY_ID, JOB_KIND, MODEL_VERSION)
+
+
+class TemporalUnavailable(Exception):
+    """Temporal cannot be reached right now."""
+
+
+class TemporalConnector:
+    """Connects on first use and reconnects after a failure, so a process starts without
+    Temporal and answers what it can until Temporal is back."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Client:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                try:
+                    self._client = await asyncio.wait_for(connect(self.settings), self.timeout_s)
+                except (TimeoutError, RuntimeError, OSError) as exc:
+                    raise TemporalUnavailable(
+                        f"Temporal at {self.settings.temporal_address} is unreachable: {exc}"
+                    ) from exc
+            return self._client
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:

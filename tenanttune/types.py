@@ -8,21 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from training.spec import TrainingHyperparameters
 
-@dataclass
-class TrainingHyperparameters:
-    epochs: int = 3
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    max_seq_len: int = 256
-    grad_accum: int = 1
-    seed: int = 42
+__all__ = ["TrainingHyperparameters"]  # re-exported: workflow inputs carry the one spec
 
 
 @dataclass
@@ -63,6 +51,9 @@ class TrainRequest:
 class ExportRequest:
     job_id: str
     company_id: str
+    # The job's budget is checked again on the data actually exported (None: not checked).
+    hyperparameters: TrainingHyperparameters | None = None
+    base_model: str = ""
 
 
 @dataclass

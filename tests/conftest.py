@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -32,6 +33,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("tenanttune")
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
+        # No secret is built in: each session signs with its own. Development keeps /metrics
+        # open for the operations tests; the security tests build production apps.
+        jwt_secret=secrets.token_urlsafe(32),
+        environment="development",
         state_dir=root / "state",
         data_dir=root / "data",
         models_dir=root / "models",
@@ -80,6 +85,13 @@ def seed_tenant(settings: Settings, company: str, source: str = "acme", lines: i
         chosen = [line for _, line in zip(range(lines), fh, strict=False)]
     (target / "data.jsonl").write_text("".join(chosen))
     return target
+
+
+def model_dir(settings: Settings, company: str, result: dict[str, Any]) -> Path:
+    """A finished training job's model directory (`modelPath` is relative to the tenant's)."""
+    path = Path(result["modelPath"])
+    assert not path.is_absolute(), f"a result shows a server path: {path}"
+    return settings.models_dir / company / path
 
 
 def chat_line(user: str, assistant: str) -> str:

@@ -23,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +35,46 @@ from training.exits import (
     is_disk_full,
     is_out_of_memory,
 )
+from training.spec import TrainingHyperparameters
 
 _LOADED_AT = time.perf_counter()  # before torch and transformers are imported
 
 
 @dataclass
 class TrainConfig:
+    """One training run: where things are, plus the job's hyperparameters (training/spec.py).
+
+    The script reads it as one JSON file (``--config run.json``); the activity writes that file.
+    """
+
     base_model: str = field(metadata={"help": "HF model id or local dir (safetensors only)"})
     train_file: str = field(metadata={"help": "cleaned chat JSONL from the export step"})
     output_dir: str = field(metadata={"help": "where the adapter, config and metrics go"})
+    hyperparameters: TrainingHyperparameters = field(default_factory=TrainingHyperparameters)
     eval_file: str = field(default="", metadata={"help": "validation split (chat JSONL)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
-    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
-    target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names"}
-    )
-    max_seq_len: int = field(default=256, metadata={"help": "longer examples are truncated"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    seed: int = field(default=42, metadata={"help": "seed for init, shuffling and dropout"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps for LR warm-up"})
     save_steps: int = field(default=10, metadata={"help": "checkpoint every N optimiser steps"})
     checkpoint_dir: str = field(default="", metadata={"help": "default: <output_dir>-checkpoints"})
     resume_from_checkpoint: str = field(default="", metadata={"help": "checkpoint dir to resume"})
     max_steps: int = field(default=0, metadata={"help": "stop after N steps (0: all epochs)"})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise BadInput("InvalidHyperparametersError", "the config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInput("InvalidHyperparametersError", f"unknown config keys: {unknown}")
+        hp = TrainingHyperparameters.from_wire(data.pop("hyperparameters", None) or {})
+        try:
+            return cls(hyperparameters=hp, **data)
+        except TypeError as exc:
+            raise BadInput("InvalidHyperparametersError", f"config: {exc}") from exc
 
 
 class BadInput(Exception):
@@ -77,19 +90,11 @@ def emit(event: str, **data: Any) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    checks = [
-        (1 <= cfg.epochs <= 100, "epochs must be between 1 and 100"),
-        (1 <= cfg.batch_size <= 512, "batch_size must be between 1 and 512"),
-        (0 < cfg.learning_rate <= 1.0, "learning_rate must be in (0, 1]"),
-        (1 <= cfg.lora_r <= 512, "lora_r must be between 1 and 512"),
-        (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-        (16 <= cfg.max_seq_len <= 32768, "max_seq_len must be between 16 and 32768"),
-        (1 <= cfg.grad_accum <= 1024, "grad_accum must be between 1 and 1024"),
-        (cfg.save_steps >= 1, "save_steps must be at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise BadInput("InvalidHyperparametersError", message)
+    problems = cfg.hyperparameters.problems()
+    if cfg.save_steps < 1:
+        problems.append("save_steps must be at least 1")
+    if problems:
+        raise BadInput("InvalidHyperparametersError", "; ".join(problems))
     if not Path(cfg.train_file).is_file():
         raise BadInput("InvalidDatasetError", f"training file not found: {cfg.train_file}")
 
@@ -127,11 +132,11 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any]:
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    modules = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    modules = list(cfg.hyperparameters.target_modules)
     config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=cfg.hyperparameters.lora_r,
+        lora_alpha=cfg.hyperparameters.lora_alpha,
+        lora_dropout=cfg.hyperparameters.lora_dropout,
         target_modules=modules,
         task_type="CAUSAL_LM",
     )
@@ -286,8 +291,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     validate(cfg)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    random.seed(cfg.hyperparameters.seed)
+    torch.manual_seed(cfg.hyperparameters.seed)
 
     tokenizer, model = load_base(cfg)
     model = add_lora(model, cfg)
@@ -295,22 +300,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
 
-    train_data = load_split(cfg.train_file, tokenizer, cfg.max_seq_len)
-    eval_data = load_split(cfg.eval_file, tokenizer, cfg.max_seq_len) if cfg.eval_file else []
+    train_data = load_split(cfg.train_file, tokenizer, cfg.hyperparameters.max_seq_len)
+    eval_data = (
+        load_split(cfg.eval_file, tokenizer, cfg.hyperparameters.max_seq_len)
+        if cfg.eval_file
+        else []
+    )
     if not train_data:
         raise BadInput("InvalidDatasetError", f"no trainable examples in {cfg.train_file}")
     lengths = [len(ids) for ids, _ in train_data]
     # Per example, the tokens whose next token is learned: the loss's denominator, counted once.
     n_targets_of = [sum(lab != -100 for lab in labels[1:]) for _, labels in train_data]
 
-    batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
+    batches_per_epoch = math.ceil(len(train_data) / cfg.hyperparameters.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.hyperparameters.grad_accum)
+    total_steps = steps_per_epoch * cfg.hyperparameters.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0.0
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.hyperparameters.learning_rate,
+        weight_decay=0.0,
     )
     warmup = max(1, int(total_steps * cfg.warmup_ratio))
 
@@ -341,7 +352,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eval_s = 0.0
     if eval_data and not state["eval_history"]:
         t_eval = time.perf_counter()
-        first = evaluate(model, eval_data, pad_id, cfg.batch_size)
+        first = evaluate(model, eval_data, pad_id, cfg.hyperparameters.batch_size)
         eval_s += time.perf_counter() - t_eval
         state["eval_history"].append([0, first])
         emit("eval", step=0, eval_loss=first)
@@ -352,11 +363,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_this_run, computed_this_run, eval_in_loop_s = 0, 0, 0.0
     while step < total_steps:
         epoch = step // steps_per_epoch
-        batches = epoch_batches(len(train_data), lengths, cfg.batch_size, cfg.seed + epoch)
-        first_batch = (step - epoch * steps_per_epoch) * cfg.grad_accum
-        for group_start in range(first_batch, len(batches), cfg.grad_accum):
+        batches = epoch_batches(
+            len(train_data),
+            lengths,
+            cfg.hyperparameters.batch_size,
+            cfg.hyperparameters.seed + epoch,
+        )
+        first_batch = (step - epoch * steps_per_epoch) * cfg.hyperparameters.grad_accum
+        for group_start in range(first_batch, len(batches), cfg.hyperparameters.grad_accum):
             t0 = time.perf_counter()
-            group = batches[group_start : group_start + cfg.grad_accum]
+            group = batches[group_start : group_start + cfg.hyperparameters.grad_accum]
             n_targets = sum(n_targets_of[i] for b in group for i in b)
             step_loss_t = torch.zeros(())
             step_tokens = 0
@@ -399,7 +415,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             end_of_epoch = step % steps_per_epoch == 0
             if eval_data and (end_of_epoch or step == total_steps):
                 t_eval = time.perf_counter()
-                eval_loss = evaluate(model, eval_data, pad_id, cfg.batch_size)
+                eval_loss = evaluate(model, eval_data, pad_id, cfg.hyperparameters.batch_size)
                 eval_in_loop_s += time.perf_counter() - t_eval
                 state["eval_history"].append([step, eval_loss])
                 emit("eval", step=step, eval_loss=eval_loss)
@@ -458,25 +474,24 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(
         prog="python -m training.train", description=__doc__.split("\n")[0]
     )
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        if f.default is MISSING:
-            parser.add_argument(flag, type=kind, required=True, help=f.metadata["help"])
-        else:
-            parser.add_argument(
-                flag,
-                type=kind,
-                default=f.default,
-                help=f"{f.metadata['help']} (default: {f.default})",
-            )
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="JSON file: base_model, train_file, output_dir, eval_file, hyperparameters {...}, "
+        "save_steps, checkpoint_dir, resume_from_checkpoint, max_steps, warmup_ratio",
+    )
+    args = parser.parse_args(argv)
+    return TrainConfig.from_json(Path(args.config).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     # A cancelled job's SIGTERM: exit through `finally` blocks, so temp dirs are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except BadInput as exc:
+        emit("error", kind=exc.kind, message=str(exc))
+        return EXIT_BAD_INPUT
     try:
         train(cfg)
     except BadInput as exc:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import timedelta
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.queue import QueueActivities
     from activities.status import StatusActivities
     from tenanttune.errors import NON_RETRYABLE_ERRORS
-    from tenanttune.jobs import JobState
     from tenanttune.types import JobOptions, JobProgress, StatusUpdate
+    from tenanttune.vocab import JobState
 
 
 class JobRequest(Protocol):
@@ -23,6 +31,9 @@ class JobRequest(Protocol):
     company_id: str
     options: JobOptions
 
+
+Req = TypeVar("Req", bound=JobRequest)
+Res = TypeVar("Res")
 
 STATUS_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 
@@ -96,12 +107,17 @@ async def _paused(queue: str) -> bool:
         return False  # cannot tell: run rather than hang
 
 
-class JobWorkflow:
-    """What every job workflow shares: stage and progress, the pause gate's release signal,
-    the `progress` query and the mirror writes. Subclasses set QUEUE and NAME."""
+class JobWorkflow(Generic[Req, Res]):
+    """What every job workflow shares, written once: the pause gate and its `release` signal,
+    stage and progress with the `progress` query, the mirror writes, and the failure reason.
+
+    `run` of a subclass is one line, `return await self.execute(req)`; its business steps are in
+    `steps`, and `on_failure` may undo what they did. Subclasses set QUEUE, NAME, FIRST_STAGE.
+    """
 
     QUEUE = ""
     NAME = ""
+    FIRST_STAGE = ""
 
     def __init__(self) -> None:
         self._stage = "waiting"
@@ -117,6 +133,55 @@ class JobWorkflow:
     def progress(self) -> JobProgress:
         """Stage and coarse progress; step-level training progress is in the heartbeat."""
         return JobProgress(stage=self._stage, progress=self._progress)
+
+    async def steps(self, req: Req) -> Res:
+        """The job's business steps; raise to fail the job."""
+        raise NotImplementedError
+
+    async def on_failure(self, req: Req, cancelled: bool) -> str:  # noqa: ARG002 - a hook
+        """Undo what the steps left behind; returns words to add to the failure reason."""
+        return ""
+
+    def set_stage(self, stage: str, progress: float | None = None) -> None:
+        self._stage = stage
+        if progress is not None:
+            self._progress = progress
+
+    async def execute(self, req: Req) -> Res:
+        """The template: wait while paused, run the steps, record the outcome in the mirror."""
+        try:
+            await self._hold_while_paused(req)
+            self._stage = self.FIRST_STAGE
+            await self._status(req, JobState.ACTIVE)
+            result = await self.steps(req)
+        except (ActivityError, ApplicationError, asyncio.CancelledError, CancelledError) as err:
+            cancelled = is_cancelled_exception(err)
+            if cancelled:
+                reason = f"cancelled during {self._stage}"
+            else:
+                reason = f"{self._stage} failed: {root_message(err)}"
+            reason += await self.on_failure(req, cancelled)
+            self._stage = "failed"
+            await self._status(
+                req,
+                JobState.FAILED,
+                failed_reason=reason,
+                keep=req.options.remove_on_fail,
+                attempts_made=req.options.attempts_before + 1,
+            )
+            if cancelled:
+                raise  # Temporal records the run as cancelled
+            raise ApplicationError(reason, non_retryable=True) from err
+        self._stage, self._progress = "completed", 100.0
+        await self._status(
+            req,
+            JobState.COMPLETED,
+            result=asdict(result),  # type: ignore[call-overload]
+            progress=100.0,
+            keep=req.options.remove_on_complete,
+            attempts_made=req.options.attempts_before + 1,
+        )
+        return result
 
     async def _hold_while_paused(self, req: JobRequest) -> None:
         async def paused() -> None:

@@ -6,6 +6,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from tenanttune.types import QueueState
+    from tenanttune.vocab import PAUSED_QUERY
 
 CHANGES_PER_RUN = 200  # then continue-as-new, so the history stays short
 
@@ -35,6 +36,6 @@ class QueueControlWorkflow:
         self._paused = False
         self._changes += 1
 
-    @workflow.query
+    @workflow.query(name=PAUSED_QUERY)
     def paused(self) -> bool:
         return self._paused

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    CancelledError,
-    ChildWorkflowError,
-    is_cancelled_exception,
-)
+from temporalio.exceptions import ActivityError, ChildWorkflowError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType
 
 from workflows.common import JobWorkflow, retry_policy, root_message
 from workflows.deployment import DeploymentWorkflow
 
 with workflow.unsafe.imports_passed_through():
+    from activities.admission import AdmissionActivities
     from activities.training import TrainingActivities
     from tenanttune.errors import NON_RETRYABLE_ERRORS
-    from tenanttune.jobs import JobState, model_name
-    from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE
+    from tenanttune.settings import DEPLOYMENT_QUEUE, TRAINING_QUEUE, slots_queue
     from tenanttune.temporal import job_search_attributes
     from tenanttune.types import (
         DeployRequest,
@@ -34,7 +28,15 @@ with workflow.unsafe.imports_passed_through():
         TrainRequest,
         TrainResult,
     )
+    from tenanttune.vocab import model_name
 
+# While the tenant is at its running-jobs limit: ask again, more slowly, for up to a day.
+ADMISSION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    maximum_attempts=0,
+)
 SHORT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_attempts=3,
@@ -43,54 +45,30 @@ SHORT_RETRY = RetryPolicy(
 
 
 @workflow.defn
-class TrainingWorkflow(JobWorkflow):
+class TrainingWorkflow(JobWorkflow[TrainRequest, TrainResult]):
     QUEUE = TRAINING_QUEUE
     NAME = "train"
+    FIRST_STAGE = "exporting"
 
     @workflow.run
     async def run(self, req: TrainRequest) -> TrainResult:
-        try:
-            await self._hold_while_paused(req)
-            self._stage = "exporting"
-            await self._status(req, JobState.ACTIVE)
-            result = await self._train(req)
-        except (ActivityError, ApplicationError, asyncio.CancelledError, CancelledError) as err:
-            cancelled = is_cancelled_exception(err)
-            if cancelled:
-                reason = f"cancelled during {self._stage}"
-            else:
-                reason = f"{self._stage} failed: {root_message(err)}"
-            self._stage = "failed"
-            await self._status(
-                req,
-                JobState.FAILED,
-                failed_reason=reason,
-                keep=req.options.remove_on_fail,
-                attempts_made=req.options.attempts_before + 1,
-            )
-            if cancelled:
-                raise  # Temporal records the run as cancelled
-            raise ApplicationError(reason, non_retryable=True) from err
-        self._stage, self._progress = "completed", 100.0
-        await self._status(
-            req,
-            JobState.COMPLETED,
-            result=asdict(result),
-            progress=100.0,
-            keep=req.options.remove_on_complete,
-            attempts_made=req.options.attempts_before + 1,
-        )
-        return result
+        return await self.execute(req)
 
-    async def _train(self, req: TrainRequest) -> TrainResult:
-        self._stage = "exporting"
+    async def steps(self, req: TrainRequest) -> TrainResult:
+        """Export the tenant's data, train a LoRA adapter, register it (then maybe deploy)."""
+        self.set_stage("exporting")
         export = await workflow.execute_activity_method(
             TrainingActivities.export_training_data,
-            ExportRequest(job_id=req.job_id, company_id=req.company_id),
+            ExportRequest(
+                job_id=req.job_id,
+                company_id=req.company_id,
+                hyperparameters=req.hyperparameters,
+                base_model=req.base_model,
+            ),
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=SHORT_RETRY,
         )
-        self._stage, self._progress = "training", 5.0
+        self.set_stage("training", 5.0)
         trained = await workflow.execute_activity_method(
             TrainingActivities.train_model,
             TrainModelRequest(
@@ -102,11 +80,16 @@ class TrainingWorkflow(JobWorkflow):
                 hyperparameters=req.hyperparameters,
                 save_steps=req.save_steps,
             ),
+            # Its own task queue: a worker takes a training only when it has a free slot.
+            task_queue=slots_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(seconds=req.train_timeout_s),
             heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout_s),
             retry_policy=retry_policy(req.options),
+            # A cancelled job is reported once its training process is gone, so its slot is
+            # free and a retry never meets a process still writing checkpoints.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
-        self._stage, self._progress = "registering", 95.0
+        self.set_stage("registering", 95.0)
         result = await workflow.execute_activity_method(
             TrainingActivities.register_model,
             RegisterModelRequest(
@@ -124,7 +107,7 @@ class TrainingWorkflow(JobWorkflow):
         )
 
         if req.auto_deploy:
-            self._stage = "deploying"
+            self.set_stage("deploying")
             result.deployment = await self._deploy(req, result)
         return result
 
@@ -135,6 +118,16 @@ class TrainingWorkflow(JobWorkflow):
         name = model_name(trained.base_short_name, req.company_id, version)
         info: dict[str, Any] = {"jobId": job_id, "modelName": name}
         try:
+            if workflow.patched("autodeploy-admission"):
+                # The child is one more running job of the tenant: it waits for the tenant's
+                # running-jobs quota like any job started through the front door.
+                await workflow.execute_activity_method(
+                    AdmissionActivities.admit_child_job,
+                    req.company_id,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(hours=24),
+                    retry_policy=ADMISSION_RETRY,
+                )
             deployed = await workflow.execute_child_workflow(
                 DeploymentWorkflow.run,
                 DeployRequest(
@@ -155,7 +148,7 @@ class TrainingWorkflow(JobWorkflow):
                 search_attributes=job_search_attributes(req.company_id, "deployment", version),
                 static_summary=f"deploy {name} for {req.company_id} (from {req.job_id})",
             )
-        except ChildWorkflowError as err:
+        except (ChildWorkflowError, ActivityError) as err:
             if is_cancelled_exception(err):
                 raise
             return {**info, "state": "failed", "failedReason": root_message(err)}

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import CurrentTenant, SettingsDep
 from api.schemas import DatasetReportOut, DatasetUploaded, ErrorOut, LineErrorOut
+from jobs import admission
 from training import dataset
 
 router = APIRouter(prefix="/api/ai/datasets", tags=["datasets"])
@@ -84,6 +85,18 @@ async def upload_dataset(
     """Validate a JSONL file and add it to the tenant's training data (same name replaces)."""
     name = _safe_name(file.filename)
     tenant_dir = settings.tenant_data_dir(company_id)
+    stored_bytes, stored_files = await asyncio.to_thread(
+        admission.stored_data, settings, company_id, name
+    )
+    max_files = settings.limit(company_id, "max_data_files")
+    if stored_files + 1 > max_files:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"company '{company_id}' already has {stored_files} dataset files, its limit is "
+            f"{max_files} (TENANT_MAX_DATA_FILES); upload under an existing file's name to "
+            "replace it, or merge files",
+        )
+    room = settings.limit(company_id, "max_data_bytes") - stored_bytes
     tenant_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".part", dir=tenant_dir)
     tmp = Path(tmp_name)
@@ -97,6 +110,14 @@ async def upload_dataset(
                     raise HTTPException(
                         status.HTTP_413_CONTENT_TOO_LARGE,
                         f"the file is larger than the {settings.max_upload_bytes} byte limit",
+                    )
+                if size > room:
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE,
+                        f"company '{company_id}' would store more than "
+                        f"{settings.limit(company_id, 'max_data_bytes')} bytes of training data "
+                        f"(TENANT_MAX_DATA_BYTES; {max(room, 0)} bytes left); remove or replace "
+                        "a file first",
                     )
                 limits.feed(chunk)
                 out.write(chunk)
@@ -115,9 +136,7 @@ async def upload_dataset(
         tmp.replace(tenant_dir / name)
     finally:
         tmp.unlink(missing_ok=True)
-    total, _ = await asyncio.to_thread(
-        dataset.analyze, dataset.tenant_files(tenant_dir), settings.max_example_chars
-    )
+    total, _ = await asyncio.to_thread(admission.analyze_tenant, settings, company_id)
     skipped = report.total_lines - report.usable
     return DatasetUploaded(
         success=True,

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
-from api.deps import TemporalConnector
+from api.deps import authenticate
 from tenanttune import telemetry
 from tenanttune.mirror import JobMirror
-from tenanttune.settings import QUEUES
-from tenanttune.temporal import pollers
+from tenanttune.settings import QUEUES, SLOT_QUEUES
+from tenanttune.temporal import TemporalConnector, pollers
 
 router = APIRouter(tags=["health"])
 
@@ -27,8 +30,62 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Temporal is unreachable"}})
+# (status, HTTP code, each check with its detail) of one readiness check.
+Readiness = tuple[str, int, dict[str, dict[str, Any]]]
+
+
+class ReadinessCache:
+    """One readiness check answers every /readyz caller for `ttl_s` seconds, and callers that
+    come while it runs wait for that same check: a flood of probes costs Temporal one check."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._task: asyncio.Task[Readiness] | None = None
+        self._done_at = 0.0
+
+    async def get(self, check: Callable[[], Awaitable[Readiness]]) -> Readiness:
+        task = self._task
+        if task is None or (task.done() and self._stale(task)):
+            task = self._task = asyncio.create_task(self._run(check))
+        # Shielded: a caller that goes away does not cancel the check the others wait for.
+        return await asyncio.shield(task)
+
+    def _stale(self, task: asyncio.Task[Readiness]) -> bool:
+        failed = task.cancelled() or task.exception() is not None
+        return failed or time.monotonic() - self._done_at >= self.ttl_s
+
+    async def _run(self, check: Callable[[], Awaitable[Readiness]]) -> Readiness:
+        try:
+            return await check()
+        finally:
+            self._done_at = time.monotonic()
+
+
+@router.get(
+    "/readyz",
+    responses={
+        401: {"description": "a token was sent and it is not valid"},
+        503: {"description": "Temporal is unreachable"},
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
+    """Ready, degraded or unavailable (cached READYZ_CACHE_S seconds); with an admin token, also
+    each check with its addresses, pollers and hints."""
+    detail = False
+    if "authorization" in request.headers:  # anonymous probes get the status alone
+        scheme, token = get_authorization_scheme_param(request.headers["authorization"])
+        host = request.client.host if request.client else None
+        caller = await authenticate(
+            request.app.state, token if scheme.lower() == "bearer" else None, host
+        )
+        detail = caller.is_admin
+    readiness: ReadinessCache = request.app.state.readiness
+    state, code, checks = await readiness.get(lambda: _check_readiness(request))
+    body: dict[str, Any] = {"status": state, "checks": checks} if detail else {"status": state}
+    return JSONResponse(body, status_code=code)
+
+
+async def _check_readiness(request: Request) -> Readiness:
     """Temporal and Redis reachable, and a worker polling each task queue; each with a hint."""
     connector: TemporalConnector = request.app.state.temporal
     mirror: JobMirror = request.app.state.mirror
@@ -50,16 +107,20 @@ async def readyz(request: Request) -> JSONResponse:
             }
             return
         checks["temporal"] = {"ok": True, "address": address}
-        found = await asyncio.gather(*(pollers(client, q) for q in QUEUES), return_exceptions=True)
-        for queue, result in zip(QUEUES, found, strict=True):
+        # Each job queue, and the activity-only queue of its worker's slots (train_model).
+        polled = [(q, q, True) for q in QUEUES] + [(s, q, False) for q, s in SLOT_QUEUES.items()]
+        found = await asyncio.gather(
+            *(pollers(client, name) for name, _, _ in polled), return_exceptions=True
+        )
+        for (name, queue, workflows), result in zip(polled, found, strict=True):
             if isinstance(result, BaseException):
-                checks[f"queue:{queue}"] = {"ok": False, "error": str(result)}
+                checks[f"queue:{name}"] = {"ok": False, "error": str(result)}
                 continue
-            ok = bool(result["workflow"]) and bool(result["activity"])
+            ok = bool(result["activity"]) and (bool(result["workflow"]) or not workflows)
             entry: dict[str, Any] = {"ok": ok, "pollers": result["activity"]}
             if not ok:
                 entry["hint"] = f"no worker polls it: start `python worker.py --queues {queue}`"
-            checks[f"queue:{queue}"] = entry
+            checks[f"queue:{name}"] = entry
 
     async def redis() -> None:
         try:
@@ -79,7 +140,7 @@ async def readyz(request: Request) -> JSONResponse:
         state, code = "ready", 200
     else:
         state, code = "degraded", 200
-    return JSONResponse({"status": state, "checks": checks}, status_code=code)
+    return state, code, checks
 
 
 @router.get("/metrics", include_in_schema=False)

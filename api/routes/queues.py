@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 
-from api.deps import CurrentPrincipal, get_queues
+from api.deps import CurrentPrincipal, get_jobs
 from api.schemas import CleanBody, Cleaned, QueueAction
+from jobs.bull import Queue
 from tenanttune.auth import Principal
-from tenanttune.queues import Queue
 from tenanttune.settings import QUEUES
 
 router = APIRouter(prefix="/api/ai/queues", tags=["queues"])
@@ -26,10 +26,9 @@ def _queue(
     queue: Annotated[str, Path(description=f"one of {', '.join(QUEUES)}")],
     _: Annotated[Principal, Depends(require_admin)],
 ) -> Queue:
-    queues = get_queues(request)
-    if queue not in queues:
+    if queue not in QUEUES:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no queue '{queue}'; queues: {QUEUES}")
-    return queues[queue]
+    return Queue(queue, get_jobs(request))
 
 
 QueueDep = Annotated[Queue, Depends(_queue)]

@@ -1,4 +1,5 @@
-"""The whole stack as a user runs it: `tenanttune up`, the demo over HTTP, `down`, Ctrl-C."""
+"""The whole stack as a user runs it: `tenanttune up`, the demo over HTTP, `down`, Ctrl-C.
+(Programs killed under `up --detach` and restarted: test_stack_restarts.py.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import redis
 
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.e2e
-CLI = [sys.executable, "-m", "tenanttune.cli"]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+CLI = [sys.executable, "-m", "cli.main"]
 
 
 @pytest.fixture
@@ -41,6 +42,11 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def stack_processes(tmp_path: Path) -> list[str]:
     """Command lines of live processes that belong to this test's stack."""
+    return [cmd for _, cmd in stack_pids(tmp_path)]
+
+
+def stack_pids(tmp_path: Path) -> list[tuple[int, str]]:
+    """Pids and command lines of live processes that belong to this test's stack."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -52,7 +58,7 @@ def stack_processes(tmp_path: Path) -> list[str]:
         except OSError:
             continue
         if stat[2] != "Z" and str(tmp_path).encode() in env + cmd.encode():
-            found.append(cmd)
+            found.append((int(proc.name), cmd))
     return found
 
 
@@ -77,10 +83,17 @@ def test_detached_stack_runs_the_demo_and_stops_cleanly(
 ) -> None:
     out = run_cli(["up", "--detach"], stack_env, tmp_path, timeout=180)
     assert "running in the background" in out
+    assert "was already running" in run_cli(["up", "--detach"], stack_env, tmp_path, 180)
     status = run_cli(["status"], stack_env, tmp_path, timeout=60)
-    for part in ("temporal", "redis", "api", "worker"):
+    for part in ("supervisor", "temporal", "redis", "api", "worker"):
         line = next(x for x in status.splitlines() if f" {part} " in f" {x} ")
         assert "✓" in line, status
+    assert "polling model-training" in status and "/healthz 200" in status
+    # A second `up` while this one runs is refused, not fought over.
+    second = subprocess.run(
+        [*CLI, "up"], env=stack_env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 2 and "already runs" in second.stderr + second.stdout
 
     out = run_cli(["demo", "--company", "globex", "--epochs", "1"], stack_env, tmp_path, 600)
     assert "trained model:" in out
@@ -146,7 +159,16 @@ def test_foreground_stack_stops_everything_on_ctrl_c(
             pass
         assert time.monotonic() < deadline, "the stack did not come up"
         time.sleep(0.5)
-    assert len(stack_processes(tmp_path)) >= 3  # supervisor, temporal, api, worker
+    assert len(stack_processes(tmp_path)) >= 4  # supervisord, temporal, api, worker
+    # A worker that dies is replaced; the foreground stack and its API carry on.
+    (worker,) = [pid for pid, cmd in stack_pids(tmp_path) if cmd.endswith("worker.py ")]
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not [p for p, cmd in stack_pids(tmp_path) if cmd.endswith("worker.py ") and p != worker]:
+        assert time.monotonic() < deadline, "no new worker"
+        time.sleep(0.3)
+    assert proc.poll() is None
+    assert httpx.get(api, timeout=5).status_code == 200
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     deadline = time.monotonic() + 15

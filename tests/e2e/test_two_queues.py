@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,7 +17,6 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,6 +56,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[
         _env_file=None,  # type: ignore[call-arg]
         temporal_address=env.client.service_client.config.target_host,
         redis_url=REDIS_URL,
+        jwt_secret=secrets.token_urlsafe(32),  # no secret is built in
         state_dir=root / "api-state",
         data_dir=root / "shared" / "data",
         models_dir=root / "shared" / "models",
@@ -212,7 +213,9 @@ async def test_a_job_crosses_a_training_and_a_deployment_worker(
     # Ready once both workers poll their queue (the workers import torch: give them time).
     deadline = time.monotonic() + 120
     while True:
-        body = (await api.get("/readyz")).json()
+        # The checks' detail (pollers' pid@host) is for admins only.
+        admin = token(settings, "ops", admin=True)
+        body = (await api.get("/readyz", headers=admin)).json()
         if body["status"] == "ready":
             break
         for w in workers.values():
@@ -253,7 +256,7 @@ async def test_a_job_crosses_a_training_and_a_deployment_worker(
     ]
     assert found == [deployment["jobId"]]
     # The artifact crossed through the shared models dir.
-    assert Path(final["result"]["model_path"]).is_relative_to(settings.models_dir)
+    assert (settings.models_dir / TENANT / final["result"]["modelPath"]).is_dir()
     assert list((settings.models_dir / "registry").rglob("model.gguf"))
 
     # Each worker's metrics port: its own stages, and the Temporal SDK's worker metrics.
@@ -302,7 +305,7 @@ async def test_a_job_crosses_a_training_and_a_deployment_worker(
     }
     wanted_metrics = {
         ("worker-model-training", "tenanttune.stage.duration"),
-        ("worker-model-deployment", "tenanttune.jobs"),
+        ("worker-model-deployment", "tenanttune.vocab"),
     }
     deadline = time.monotonic() + 30
     while not (wanted_spans <= set(collector.spans) and wanted_metrics <= collector.metrics):

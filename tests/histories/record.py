@@ -10,6 +10,7 @@ history as JSON next to this file. Re-record after an intended, compatible workf
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import sys
 import tempfile
@@ -22,11 +23,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
-from tenanttune import stack  # noqa: E402
+from cli import stack  # noqa: E402
 from tenanttune.auth import mint_token  # noqa: E402
-from tenanttune.jobs import control_workflow_id  # noqa: E402
 from tenanttune.settings import TRAINING_QUEUE, Settings  # noqa: E402
 from tenanttune.temporal import connect  # noqa: E402
+from tenanttune.vocab import control_workflow_id  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 BODY = {"epochs": 1, "batchSize": 8, "learningRate": 0.002}
@@ -53,6 +54,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tt-histories-"))
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
+        jwt_secret=secrets.token_urlsafe(32),  # none is built in; the stack gets this one
         state_dir=root / "state",
         data_dir=root / "data",
         models_dir=root / "models",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tenanttune.settings import Settings
+from tenanttune.settings import Settings, TenantLimits
 from tests.conftest import seed_tenant, token
 from tests.integration.jobs import FAST, TENANT, follow
 
@@ -23,3 +24,11 @@ async def trained(api: httpx.AsyncClient, settings: Settings, worker: None) -> d
     job = (await follow(api, r.json()["jobId"], headers))[-1]
     assert job["state"] == "completed", job
     return job["result"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def plan_limits(settings: Settings) -> Iterator[dict[str, TenantLimits]]:
+    """Tenants' plans (TENANT_LIMITS) for one test; the live app reads these settings."""
+    settings.tenant_limits = {}
+    yield settings.tenant_limits
+    settings.tenant_limits = {}

@@ -15,9 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from temporalio.api.enums.v1 import EventType
 
-from tenanttune.queues import get_training_queue, rebuild_cache
-from tenanttune.settings import Settings
-from tenanttune.status_read import job_from_temporal
+from jobs.bull import get_training_queue
+from jobs.read import job_from_temporal
+from jobs.service import JobService
+from tenanttune.settings import Settings, TenantLimits
 from tenanttune.temporal import job_search_attributes
 from tenanttune.types import TrainRequest
 from tests.conftest import REPO, seed_tenant, token, training_processes
@@ -54,23 +55,43 @@ async def test_delay_holds_the_job_then_runs_it(
     assert first["state"] == "delayed"
     assert await redis_client.zscore(f"bull:{Q}:delayed", job) is not None
     # Temporal says the same without the mirror.
-    from_temporal = await job_from_temporal(temporal_env.client, Q, job)
+    from_temporal = await job_from_temporal(temporal_env.client, Q, job, settings)
     assert from_temporal is not None and from_temporal.state == "delayed"
     final = (await follow(api, job, token(settings, "later")))[-1]
     assert final["state"] == "completed"
-    assert final["processedOn"] - final["timestamp"] >= 3500
+    assert final["processedOn"] - final["timestamp"] >= 3500, final
 
 
-async def test_priority_reaches_temporal(
-    api: httpx.AsyncClient, settings: Settings, temporal_env: Any
+async def test_priority_comes_from_the_plan_and_reaches_temporal(
+    api: httpx.AsyncClient,
+    settings: Settings,
+    temporal_env: Any,
+    redis_client: aioredis.Redis,
+    plan_limits: dict[str, TenantLimits],
 ) -> None:
     seed_tenant(settings, "vip", lines=40)
-    job = await submit(api, settings, "vip", {**ONE, "priority": 1})
-    desc = await temporal_env.client.get_workflow_handle(job).describe()
+    plan_limits["vip"] = TenantLimits(priority=1)
+    client = temporal_env.client
+    before = (await client.count_workflows("CompanyId='vip'")).count
+    # A tenant cannot put itself ahead of the others.
+    r = await api.post(
+        "/api/ai/models/vip/train", json={**ONE, "priority": 1}, headers=token(settings, "vip")
+    )
+    assert r.status_code == 403 and "plan" in r.json()["detail"], r.text
+    assert (await client.count_workflows("CompanyId='vip'")).count == before
+    job = await submit(api, settings, "vip", ONE)
+    desc = await client.get_workflow_handle(job).describe()
     assert desc.raw_description.workflow_execution_info.priority.priority_key == 1
-    r = await api.get(f"/api/ai/jobs/{job}", headers=token(settings, "vip"))
-    assert r.json()["opts"]["priority"] == 1
+    assert await redis_client.hget(f"bull:{Q}:{job}", "priority") == "1"
+    # An admin may set one job's priority.
+    admin = token(settings, "ops", admin=True)
+    r = await api.post("/api/ai/models/vip/train", json={**ONE, "priority": 2}, headers=admin)
+    assert r.status_code == 202, r.text
+    second = r.json()["jobId"]
+    desc = await client.get_workflow_handle(second).describe()
+    assert desc.raw_description.workflow_execution_info.priority.priority_key == 2
     await follow(api, job, token(settings, "vip"))
+    await follow(api, second, token(settings, "vip"))
 
 
 async def test_pause_holds_new_jobs_and_resume_releases_them_in_order(
@@ -137,7 +158,7 @@ async def test_retry_runs_a_failed_job_again_under_the_same_id(
     assert r.status_code == 202, r.text
     final = (await follow(api, job, headers))[-1]
     assert final["state"] == "completed" and final["attemptsMade"] == 2
-    from_temporal = await job_from_temporal(client, Q, job)
+    from_temporal = await job_from_temporal(client, Q, job, settings)
     assert from_temporal is not None and from_temporal.attemptsMade == 2
     runs = [w async for w in client.list_workflows(f"WorkflowId = '{job}'")]
     assert len(runs) == 2
@@ -203,14 +224,14 @@ async def test_redis_flush_mid_job_then_cache_rebuild(
     assert during["state"] == "active" and during["source"] == "temporal"
     final = (await follow(api, job, headers))[-1]
     assert final["state"] == "completed"
-    restored = await rebuild_cache(temporal_env.client, get_training_queue(settings).mirror)
+    restored = await get_training_queue(settings).jobs.rebuild_cache()
     assert restored >= 1
     h = await redis_client.hgetall(f"bull:{Q}:{job}")
     assert h["companyId"] == "flushed"
     assert await redis_client.zscore(f"bull:{Q}:completed", job) is not None
     cached = await state_of(api, settings, "flushed", job)
     assert cached["source"] == "redis" and cached["state"] == "completed"
-    assert cached["result"]["model_path"] == final["result"]["model_path"]
+    assert cached["result"]["modelPath"] == final["result"]["modelPath"]
     # The mirror's counts agree with Temporal's after a rebuild.
     counts = (
         await api.get(f"/api/ai/queues/{Q}/counts", headers=token(settings, "ops", admin=True))
@@ -271,21 +292,21 @@ async def test_python_facade_reads_like_bull(
     api: httpx.AsyncClient, settings: Settings, temporal_env: Any
 ) -> None:
     """The seed's snippet, through `get_training_queue()` (Redis first, Temporal behind it)."""
-    from tenanttune.queues import Queue
+    from jobs.bull import Queue
 
     seed_tenant(settings, "facade", lines=40)
     job_id = await submit(api, settings, "facade", ONE)
-    mirror = get_training_queue(settings).mirror
+    mirror = get_training_queue(settings).jobs.mirror
 
     async def client() -> Any:
         return temporal_env.client
 
-    queue = Queue(Q, mirror, client)
+    queue = Queue(Q, JobService(settings, mirror, client))
     job = await queue.get_job(job_id)
     assert job is not None and job.id == job_id
     assert await job.get_state() in ("waiting", "active", "completed")
     result = await job.finished(timeout_s=240)
-    assert result["model_path"].endswith(job_id)
+    assert result["modelPath"] == job_id
     assert await job.get_state() == "completed" and await job.progress() == 100
     counts = await queue.get_job_counts()
     assert counts["completed"] >= 1 and set(counts) == {

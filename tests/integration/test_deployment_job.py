@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tenanttune.settings import Settings
-from tests.conftest import token
+from tests.conftest import model_dir, token
 from tests.integration.jobs import FAST, TENANT, deploy, follow
 from tests.models import mute_model
 from training.convert import inspect
@@ -23,16 +23,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 async def test_local_deployment_end_to_end(
     api: httpx.AsyncClient, settings: Settings, trained: dict[str, Any]
 ) -> None:
-    version_dir = Path(trained["model_path"])
+    version_dir = model_dir(settings, TENANT, trained)
     out = await deploy(api, settings, f"./models/{TENANT}/{version_dir.name}", "1.0")
     assert out["accepted"]["modelName"] == f"tiny-mistral-company-{TENANT}:1.0"
     final = out["final"]
     assert final["state"] == "completed", final
     assert [s["progress"] for s in out["seen"]] == sorted(s["progress"] for s in out["seen"])
     result = final["result"]
-    assert result["model_name"] == f"tiny-mistral-company-{TENANT}:1.0"
+    assert result["modelName"] == f"tiny-mistral-company-{TENANT}:1.0"
     assert result["target"] == "local"
-    registry = Path(result["location"])
+    registry = settings.models_dir / result["location"]
     assert registry == settings.registry_dir / f"tiny-mistral-company-{TENANT}" / "1.0"
     meta = json.loads((registry / "metadata.json").read_text())
     assert meta["digest"] == result["digest"] and meta["source_job"] == version_dir.name
@@ -41,7 +41,7 @@ async def test_local_deployment_end_to_end(
     assert 'TEMPLATE """' in modelfile and 'PARAMETER stop "[INST]"' in modelfile
     verification = result["verification"]
     assert verification["text"].strip() and verification["tokens"] > 0
-    assert verification["tokens_per_s"] > 0
+    assert verification["tokensPerS"] > 0
 
     # The published GGUF is a real llama.cpp model that answers.
     answer = generate(registry / "model.gguf", "[INST] How do I update my card? [/INST]")
@@ -49,7 +49,7 @@ async def test_local_deployment_end_to_end(
     assert not list(registry.parent.glob(".*")), "no temp or kept-aside dirs are left"
 
     # Deploying the same model again under another tag reuses the GGUF ("convert if needed").
-    gguf = Path(result["gguf_path"])
+    gguf = settings.models_dir / TENANT / result["ggufPath"]
     mtime = gguf.stat().st_mtime_ns
     again = await deploy(api, settings, f"{TENANT}/{version_dir.name}", "1.1")
     assert again["final"]["state"] == "completed"
@@ -60,10 +60,10 @@ async def test_local_deployment_end_to_end(
 async def test_failed_verification_removes_the_model_and_keeps_the_previous(
     api: httpx.AsyncClient, settings: Settings, trained: dict[str, Any], tiny_base: Path
 ) -> None:
-    version = Path(trained["model_path"]).name
+    version = trained["modelPath"]
     good = await deploy(api, settings, f"{TENANT}/{version}", "2.0")
     assert good["final"]["state"] == "completed"
-    registry = Path(good["final"]["result"]["location"])
+    registry = settings.models_dir / good["final"]["result"]["location"]
     good_digest = json.loads((registry / "metadata.json").read_text())["digest"]
 
     mute_model(tiny_base, settings.models_dir / TENANT / "mute")
@@ -81,7 +81,7 @@ async def test_corrupt_weights_fail_once_with_a_reason(
     api: httpx.AsyncClient, settings: Settings, trained: dict[str, Any]
 ) -> None:
     broken = settings.models_dir / TENANT / "broken"
-    shutil.copytree(trained["model_path"], broken)
+    shutil.copytree(model_dir(settings, TENANT, trained), broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 64 + b"not safetensors")
     out = await deploy(api, settings, f"{TENANT}/broken", "3.0")
     final = out["final"]
@@ -109,14 +109,16 @@ async def test_auto_deploy_after_training(
     ).exists()
 
 
-def test_gguf_matches_the_hf_model(tmp_path: Path, trained: dict[str, Any]) -> None:
+def test_gguf_matches_the_hf_model(
+    tmp_path: Path, trained: dict[str, Any], settings: Settings
+) -> None:
     """The converter's output has the HF model's tensors and vocabulary."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.convert import convert_model, merge
 
-    merged = merge(Path(trained["model_path"]), tmp_path / "merged")
-    info = convert_model(Path(trained["model_path"]), tmp_path / "m.gguf")
+    merged = merge(model_dir(settings, TENANT, trained), tmp_path / "merged")
+    info = convert_model(model_dir(settings, TENANT, trained), tmp_path / "m.gguf")
     hf = AutoModelForCausalLM.from_pretrained(str(merged))
     assert info.architecture == "llama"
     assert info.tensor_count == len(hf.state_dict())

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tenanttune.jobs import JobState
 from tenanttune.mirror import COLLECTIONS, JobMirror
+from tenanttune.vocab import JobState
 from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.integration
@@ -86,12 +86,14 @@ async def test_retention_and_clean_keep_the_newest(mirror: JobMirror) -> None:
     for n, job in enumerate(ids):
         await mirror.add(Q, job, name="train", company_id="acme", data={})
         await mirror.move(Q, job, JobState.COMPLETED, company_id="acme", score=1000 + n)
-    # removeOnComplete: 2 keeps the two newest and forgets the rest entirely.
+    await mirror.add_event(Q, ids[0], {"type": "completed"})
+    # removeOnComplete: 2 keeps the two newest and forgets the rest entirely (events too).
     extra = "train-acme-00000000000000b9"
     await mirror.add(Q, extra, name="train", company_id="acme", data={})
     await mirror.move(Q, extra, JobState.COMPLETED, company_id="acme", keep=2, score=2000)
     left = await mirror.redis.zrange(mirror.key(Q, "completed"), 0, -1)
     assert left == [ids[4], extra]
+    assert not await mirror.redis.exists(mirror.key(Q, ids[0]) + ":events")
     assert not await mirror.redis.exists(mirror.key(Q, ids[0]))
     assert await mirror.company_jobs(Q, "acme", 10) == [extra, ids[4]]
     # clean(grace, limit): keep the newest `limit`, remove older ones past the grace period.
@@ -107,3 +109,24 @@ async def test_retention_and_clean_keep_the_newest(mirror: JobMirror) -> None:
     await mirror.add(Q, gone, name="train", company_id="acme", data={})
     await mirror.move(Q, gone, JobState.COMPLETED, company_id="acme", keep=0)
     assert await where(mirror, gone) == [] and not await mirror.redis.exists(mirror.key(Q, gone))
+
+
+async def test_keep_n_trims_only_the_submitting_tenants_jobs(mirror: JobMirror) -> None:
+    """F1: removeOnComplete: 1 of one tenant never trims another tenant's finished jobs."""
+    victims = [f"train-victim-00000000000000d{i}" for i in range(3)]
+    for n, job in enumerate(victims):
+        await mirror.add(Q, job, name="train", company_id="victim", data={})
+        await mirror.move(Q, job, JobState.COMPLETED, company_id="victim", score=1000 + n)
+    await mirror.add_event(Q, victims[0], {"type": "completed"})
+    before = {job: await mirror.redis.hgetall(mirror.key(Q, job)) for job in victims}
+    for n in range(2):
+        mine = f"train-mallory-00000000000000e{n}"
+        await mirror.add(Q, mine, name="train", company_id="mallory", data={})
+        await mirror.move(Q, mine, JobState.COMPLETED, company_id="mallory", keep=1, score=3000 + n)
+    assert await mirror.company_jobs(Q, "victim", 10) == victims[::-1]
+    assert {job: await mirror.redis.hgetall(mirror.key(Q, job)) for job in victims} == before
+    assert await mirror.events(Q, victims[0])
+    # The tenant's own keep-1 held: only its newest job is left.
+    assert await mirror.company_jobs(Q, "mallory", 10) == ["train-mallory-00000000000000e1"]
+    completed = await mirror.redis.zrange(mirror.key(Q, "completed"), 0, -1)
+    assert completed == [*victims, "train-mallory-00000000000000e1"]

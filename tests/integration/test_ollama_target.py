@@ -16,7 +16,7 @@ from activities.status import StatusActivities
 from tenanttune.mirror import JobMirror
 from tenanttune.settings import Settings
 from tenanttune.types import ConvertResult, PublishRequest
-from tests.conftest import free_port, token
+from tests.conftest import free_port, model_dir, token
 from tests.integration.jobs import TENANT, deploy
 from tests.ollama_standin import run_standin
 
@@ -44,7 +44,7 @@ async def test_deploy_to_ollama_end_to_end(
     trained: dict[str, Any],
     ollama_target: str,
 ) -> None:
-    out = await deploy(api, settings, f"{TENANT}/{Path(trained['model_path']).name}", "7.0")
+    out = await deploy(api, settings, f"{TENANT}/{trained['modelPath']}", "7.0")
     final = out["final"]
     assert final["state"] == "completed", final
     name = f"tiny-mistral-company-{TENANT}:7.0"
@@ -70,11 +70,11 @@ async def test_publish_retry_does_not_upload_or_create_twice(
     tmp_path: Path,
 ) -> None:
     """A retry after a crash (same request again) finds the blob and the model and stops."""
-    gguf = Path(trained["model_path"]) / "model-f16.gguf"
+    gguf = model_dir(settings, TENANT, trained) / "model-f16.gguf"
     if not gguf.exists():
         from training.convert import convert_model
 
-        convert_model(Path(trained["model_path"]), gguf)
+        convert_model(model_dir(settings, TENANT, trained), gguf)
     import hashlib
 
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
@@ -83,7 +83,7 @@ async def test_publish_retry_does_not_upload_or_create_twice(
         company_id=TENANT,
         model_name="retry-me:1",
         target="ollama",
-        source_model_path=trained["model_path"],
+        source_model_path=str(model_dir(settings, TENANT, trained)),
         gguf=ConvertResult(
             gguf_path=str(gguf),
             sha256=digest,
@@ -95,7 +95,7 @@ async def test_publish_retry_does_not_upload_or_create_twice(
         ),
     )
     mirror = JobMirror.from_url(settings.redis_url)
-    acts = DeploymentActivities(settings, StatusActivities(mirror))
+    acts = DeploymentActivities(settings, StatusActivities(mirror, settings))
     env = ActivityEnvironment()
     first = await env.run(acts.deploy_model, request)
     stats_before = httpx.get(f"{ollama_target}/_standin/stats").json()
@@ -123,7 +123,7 @@ async def test_unreachable_ollama_retries_then_fails_clearly(
     settings.deploy_target, settings.ollama_host = "ollama", host
     settings.deploy_max_attempts, settings.deploy_retry_initial_s = 2, 0.2
     try:
-        out = await deploy(api, settings, f"{TENANT}/{Path(trained['model_path']).name}", "8.0")
+        out = await deploy(api, settings, f"{TENANT}/{trained['modelPath']}", "8.0")
     finally:
         (
             settings.deploy_target,

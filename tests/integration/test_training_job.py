@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,10 +54,10 @@ async def test_training_job_end_to_end(
     final = seen[-1]
     result = final["result"]
     metrics = result["metrics"]
-    assert metrics["eval_loss"] < metrics["first_eval_loss"], metrics
-    assert metrics["tokens_per_s"] > 0 and metrics["steps"] == metrics["total_steps"] > 0
-    model_dir = Path(result["model_path"])
-    assert model_dir == settings.models_dir / "acme" / job_id
+    assert metrics["evalLoss"] < metrics["firstEvalLoss"], metrics
+    assert metrics["tokensPerS"] > 0 and metrics["steps"] == metrics["totalSteps"] > 0
+    assert result["modelPath"] == job_id, "the version dir, relative to the tenant's models dir"
+    model_dir = settings.models_dir / "acme" / job_id
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["job_id"] == job_id and manifest["company_id"] == "acme"
     assert manifest["hyperparameters"]["learning_rate"] == 0.003
@@ -81,7 +80,7 @@ async def test_training_job_end_to_end(
     # The Bull-shaped mirror holds the finished job, in exactly one collection.
     h = await redis_client.hgetall(f"bull:model-training:{job_id}")
     assert h["companyId"] == "acme" and h["name"] == "train"
-    assert json.loads(h["returnvalue"])["model_path"] == result["model_path"]
+    assert json.loads(h["returnvalue"])["modelPath"] == result["modelPath"]
     assert int(h["finishedOn"]) >= int(h["processedOn"]) >= int(h["timestamp"])
     assert await redis_client.zscore("bull:model-training:completed", job_id) is not None
     for coll in ("wait", "active", "paused"):
@@ -98,7 +97,7 @@ async def test_training_job_end_to_end(
     r = await api.get(f"/api/ai/jobs/{job_id}", headers=headers)
     again = r.json()
     assert again["source"] == "temporal" and again["state"] == "completed"
-    assert again["result"]["model_path"] == result["model_path"]
+    assert again["result"]["modelPath"] == result["modelPath"]
 
     # Another tenant cannot see it: 404, exactly like a job that does not exist.
     r = await api.get(f"/api/ai/jobs/{job_id}", headers=token(settings, "globex"))
@@ -181,12 +180,12 @@ async def test_killed_training_resumes_from_its_checkpoint(
     final = seen[-1]
     assert final["state"] == "completed", final
     metrics = final["result"]["metrics"]
-    assert metrics["resumed_from_step"] > 0
-    assert metrics["steps"] == metrics["total_steps"]
-    model_dir = Path(final["result"]["model_path"])
+    assert metrics["resumedFromStep"] > 0
+    assert metrics["steps"] == metrics["totalSteps"]
+    model_dir = settings.models_dir / final["companyId"] / final["result"]["modelPath"]
     history = json.loads((model_dir / "metrics.json").read_text())["loss_history"]
     steps = [s for s, _ in history]
-    assert steps == list(range(1, metrics["total_steps"] + 1)), "one loss per step, no restart"
+    assert steps == list(range(1, metrics["totalSteps"] + 1)), "one loss per step, no restart"
 
 
 async def test_cancel_stops_the_training_process(

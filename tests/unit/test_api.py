@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from api.schemas import DeployBody, TrainBody
 from tenanttune.settings import Settings
+from tenanttune.vocab import queue_of, valid_company_id, valid_tag
 from tests.conftest import chat_line, seed_tenant, token
 
 GOOD = {"epochs": 3, "batchSize": 4, "learningRate": 0.0002}
@@ -127,7 +132,8 @@ async def test_upload_over_the_size_limit_is_413(
     )
     assert r.status_code == 413
     assert str(settings.max_upload_bytes) in r.json()["detail"]
-    assert list(settings.tenant_data_dir("big").iterdir()) == []
+    stored = settings.tenant_data_dir("big")
+    assert not stored.exists() or list(stored.iterdir()) == []
 
 
 async def test_job_ids_that_do_not_exist_are_404(
@@ -162,3 +168,37 @@ async def test_metrics_need_the_scrape_token_when_one_is_set(
     finally:
         settings.metrics_token = ""
         settings.environment = "development"
+
+
+@pytest.mark.parametrize(
+    ("check", "value"),
+    [
+        (valid_company_id, "acme"),
+        (valid_tag, "m1"),
+        (lambda v: queue_of(v) is not None, "train-acme-0123456789abcdef"),
+    ],
+)
+def test_ids_and_tags_are_whole_strings(check: Callable[[str], bool], value: str) -> None:
+    """F13: `re.match` with `$` accepts a trailing newline; an id or tag is the whole string."""
+    assert check(value)
+    for hostile in (f"{value}\n", f"{value}\r\n", f"{value}\n{value}", f"\n{value}", f"{value} "):
+        assert not check(hostile), repr(hostile)
+
+
+def test_body_patterns_refuse_a_trailing_newline() -> None:
+    """F13: pydantic's `pattern=` (Rust regex: `$` is the end of the text) is strict too."""
+    for body in ({"version": "m1\n"}, {"deployVersion": "m1\n"}, {"jobId": "k1\n"}):
+        with pytest.raises(ValidationError):
+            TrainBody(**body)
+    assert TrainBody(version="m1", deployVersion="m1", jobId="k1").version == "m1"
+    with pytest.raises(ValidationError):
+        DeployBody(modelPath="latest", version="1.0", quantize="q4_K_M\n")
+
+
+async def test_bad_ids_in_the_path_are_refused(api: httpx.AsyncClient, settings: Settings) -> None:
+    """F13 over HTTP: a newline in the companyId or job id is never a tenant or a job."""
+    admin = token(settings, "ops", admin=True)
+    r = await api.post("/api/ai/models/mallory%0A/train", json=GOOD, headers=admin)
+    assert r.status_code == 400 and "companyId must be" in r.json()["detail"]
+    r = await api.get("/api/ai/jobs/train-mallory-0123456789abcdef%0A", headers=admin)
+    assert r.status_code == 404, r.text

@@ -117,3 +117,53 @@ def test_temporal_gets_the_search_attributes_and_matcher_config(compose: dict[st
     mount = compose["services"]["temporal"]["volumes"][0].split(":")[0]
     config = yaml.safe_load((REPO / mount).read_text())
     assert config["matching.useNewMatcher"][0]["value"] is True
+
+
+def test_production_is_explicit_and_the_secret_has_no_default(compose: dict[str, Any]) -> None:
+    """F9: the image and every service of ours run in production, and nothing supplies a
+    JWT_SECRET: compose refuses to start without one (`${JWT_SECRET:?...}`)."""
+    for name in OURS:
+        env = compose["services"][name]["environment"]
+        assert env["ENVIRONMENT"] == "production", name
+        assert str(env["JWT_SECRET"]).startswith("${JWT_SECRET:?"), name
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^\s+ENVIRONMENT=production", dockerfile, re.MULTILINE)
+    assert "JWT_SECRET=" not in dockerfile
+    # What the image runs: a bare Settings is production with no secret, so the API refuses.
+    bare = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert bare.environment == "production" and not bare.jwt_secret
+
+
+def test_the_image_copies_every_package_it_installs() -> None:
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    copied = {
+        line.split()[1]
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    }
+    assert {pattern.rstrip("*") for pattern in include} <= copied
+
+
+def test_api_and_workers_agree_on_the_heartbeat_timeouts(compose: dict[str, Any]) -> None:
+    """The API stamps the timeouts on each job; a worker sends heartbeats often enough for its
+    own settings (worker.py): one value for both, or a busy worker could miss a shorter one."""
+    for name in ("TRAIN_HEARTBEAT_TIMEOUT_S", "DEPLOY_HEARTBEAT_TIMEOUT_S"):
+        values = {compose["services"][s]["environment"].get(name) for s in OURS}
+        assert len(values) == 1 and None not in values, (name, values)
+
+
+def test_the_training_worker_polls_its_slot_queue(compose: dict[str, Any]) -> None:
+    """`--queues model-training` is the job queue and its training slots (worker.py)."""
+    from tenanttune.settings import SLOT_QUEUES, TRAINING_QUEUE
+    from worker import parse_queues
+
+    for name in ("worker-training", "worker-training-cpu"):
+        command = compose["services"][name]["command"]
+        assert parse_queues(command[command.index("--queues") + 1]) == [TRAINING_QUEUE]
+        slots = compose["services"][name]["environment"]["WORKER_MAX_CONCURRENT_TRAININGS"]
+        assert int(re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(slots))) >= 1, name
+    assert SLOT_QUEUES[TRAINING_QUEUE] == "model-training-slots"

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.model_paths import ModelPathError, resolve_model_path
+from jobs.model_paths import ModelPathError, resolve_model_path
 from tenanttune.settings import Settings
 from tests.conftest import token
 

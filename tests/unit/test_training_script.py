@@ -21,22 +21,18 @@ class Boom:
         return (open, (self.marker, "w"))  # noqa: SIM115 - runs only if someone unpickles it
 
 
-def run(tmp_path: Path, base: str, *extra: str) -> tuple[int, list[dict[str, object]]]:
+def run(tmp_path: Path, base: str, **config: object) -> tuple[int, list[dict[str, object]]]:
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(chat_line(f"q{i}", f"a{i}") for i in range(12)) + "\n")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(
+        json.dumps(
+            {"base_model": base, "train_file": str(data), "output_dir": str(tmp_path / "out")}
+            | config
+        )
+    )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.train",
-            "--base-model",
-            base,
-            "--train-file",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "out"),
-            *extra,
-        ],
+        [sys.executable, "-m", "training.train", "--config", str(config_file)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -72,6 +68,30 @@ def test_missing_base_directory_is_a_clear_non_retryable_error(tmp_path: Path) -
 
 
 def test_out_of_range_hyperparameters_exit_3(tmp_path: Path) -> None:
-    rc, events = run(tmp_path, str(tmp_path), "--epochs", "0")
+    rc, events = run(tmp_path, str(tmp_path), hyperparameters={"epochs": 0})
     assert rc == 3 and events[-1]["kind"] == "InvalidHyperparametersError"
-    assert "epochs must be between 1 and 100" in str(events[-1]["message"])
+    assert "epochs must be at least 1 (got 0)" in str(events[-1]["message"])
+
+
+def test_unknown_config_keys_exit_3(tmp_path: Path) -> None:
+    rc, events = run(tmp_path, str(tmp_path), epochs=3)
+    assert rc == 3 and events[-1]["kind"] == "InvalidHyperparametersError"
+    assert "unknown config keys: ['epochs']" in str(events[-1]["message"])
+
+
+def test_the_spec_is_the_api_schema_and_the_script_bounds() -> None:
+    """One spec: the API's JSON schema shows the same bounds and defaults the script checks."""
+    from api.schemas import TrainBody
+    from training.spec import TrainingHyperparameters
+
+    schema = TrainBody.model_json_schema()["properties"]
+    assert schema["epochs"]["maximum"] == 50 and schema["epochs"]["default"] == 3
+    assert schema["learningRate"]["exclusiveMinimum"] == 0
+    assert schema["maxSeqLength"]["minimum"] == 32
+    too_many = TrainingHyperparameters(epochs=51, learning_rate=0.5)
+    assert too_many.problems() == [
+        "epochs must be at most 50 (got 51)",
+        "learningRate must be at most 0.01 (got 0.5)",
+    ]
+    body = TrainBody.model_validate({"epochs": 7, "loraRank": 4})
+    assert body.hyperparameters() == TrainingHyperparameters(epochs=7, lora_r=4)

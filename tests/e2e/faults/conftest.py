@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TimeoutType
+from temporalio.api.failure.v1 import Failure
 
-from tenanttune import stack
+from cli import stack
 from tenanttune.auth import mint_token
 from tenanttune.settings import Settings
+from tenanttune.temporal import connect
 from tests.conftest import REPO, free_port, seed_tenant, wait_until_healthy
+
+
+@dataclass
+class Running:
+    """An activity attempt Temporal has not seen finish, as `temporal workflow describe` shows."""
+
+    attempt: int
+    started: bool  # False: still waiting in its task queue for a worker (a free slot)
+    worker: str  # identity (`pid@host`) of the worker running it; "" while it waits
+    details: dict[str, Any]  # its last heartbeat's details
+
+
+@dataclass
+class Attempt:
+    """The attempt of an activity that finished it (a retried activity shows only its last)."""
+
+    attempt: int
+    outcome: str  # completed, failed, timed_out, cancelled
+    worker: str
+    after: str  # what ended the attempt before it: "heartbeat timeout", an error message, ""
 
 
 @dataclass
@@ -72,6 +99,77 @@ class Cluster:
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
 
+    def identity(self, name: str) -> str:
+        """The Temporal worker identity of one of our worker processes (the SDK's default)."""
+        return f"{self.procs[name].pid}@{socket.gethostname()}"
+
+    def running(self, job_id: str, activity: str) -> Running | None:
+        """The job's attempt of `activity` that is waiting or running right now, if any."""
+
+        async def describe() -> Running | None:
+            client = await connect(self.settings)
+            desc = await client.get_workflow_handle(job_id).describe()
+            for pending in desc.raw_description.pending_activities:
+                if pending.activity_type.name != activity:
+                    continue
+                details: dict[str, Any] = {}
+                if pending.heartbeat_details.payloads:
+                    decoded = await client.data_converter.decode(pending.heartbeat_details.payloads)
+                    details = decoded[0] if decoded and isinstance(decoded[0], dict) else {}
+                started = pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+                return Running(
+                    pending.attempt,
+                    started,
+                    pending.last_worker_identity if started else "",
+                    details,
+                )
+            return None
+
+        return asyncio.run(describe())
+
+    def attempts(self, job_id: str, activity: str) -> list[Attempt]:
+        """How each scheduling of `activity` in the job's history ended, and by which attempt."""
+
+        async def history() -> list[Attempt]:
+            client = await connect(self.settings)
+            events = (await client.get_workflow_handle(job_id).fetch_history()).events
+            scheduled = {
+                e.event_id
+                for e in events
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                and e.activity_task_scheduled_event_attributes.activity_type.name == activity
+            }
+            started = {
+                e.activity_task_started_event_attributes.scheduled_event_id: e
+                for e in events
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+            }
+            ends = {
+                EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "completed",
+                EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "failed",
+                EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "timed_out",
+                EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "cancelled",
+            }
+            found = []
+            for e in events:
+                if e.event_type not in ends:
+                    continue
+                attrs = getattr(e, e.WhichOneof("attributes"))
+                if attrs.scheduled_event_id not in scheduled:
+                    continue
+                start = started[attrs.scheduled_event_id].activity_task_started_event_attributes
+                found.append(
+                    Attempt(
+                        start.attempt,
+                        ends[e.event_type],
+                        start.identity,
+                        _reason(start.last_failure) if start.HasField("last_failure") else "",
+                    )
+                )
+            return found
+
+        return asyncio.run(history())
+
     def headers(self, company: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {mint_token(self.settings, company)}"}
 
@@ -105,6 +203,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         temporal_ui_port=free_port(),
         api_port=free_port(),
         redis_url=redis_url,
+        jwt_secret=secrets.token_urlsafe(32),  # no secret is built in
         # Short, so a dead worker's activity is noticed in seconds, not a minute.
         train_heartbeat_timeout_s=10,
         train_save_steps=5,
@@ -118,6 +217,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         "TEMPORAL_ADDRESS": settings.temporal_address,
         "API_PORT": str(settings.api_port),
         "REDIS_URL": redis_url,
+        "JWT_SECRET": settings.jwt_secret,
         "TRAIN_HEARTBEAT_TIMEOUT_S": "10",
         "TRAIN_SAVE_STEPS": "5",
         "DEPLOY_HEARTBEAT_TIMEOUT_S": "15",
@@ -135,4 +235,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         stack.stop(settings)
 
 
-__all__ = ["Cluster", "seed_tenant"]
+def _reason(failure: Failure) -> str:
+    if failure.HasField("timeout_failure_info"):
+        kind = TimeoutType.Name(failure.timeout_failure_info.timeout_type)
+        return kind.removeprefix("TIMEOUT_TYPE_").lower().replace("_", "-") + " timeout"
+    return failure.message
+
+
+__all__ = ["Attempt", "Cluster", "Running", "seed_tenant"]

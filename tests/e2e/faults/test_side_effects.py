@@ -36,7 +36,7 @@ def train(cluster: Cluster, company: str) -> str:
     assert r.status_code == 202, r.text
     job = cluster.wait_for(company, r.json()["jobId"])
     assert job["state"] == "completed", job
-    return str(job["result"]["model_path"])  # type: ignore[index]
+    return str(job["result"]["modelPath"])  # type: ignore[index]
 
 
 def deploy(cluster: Cluster, company: str, model_path: str, **body: Any) -> dict[str, Any]:
@@ -78,6 +78,16 @@ def test_worker_killed_after_publishing_does_not_publish_twice(cluster: Cluster)
     assert (published / "model.gguf").stat().st_ino == inode_before
     assert sorted(p.name for p in published.parent.iterdir()) == [tag], "no copy, no temp dir"
     assert "already published by this job" in (cluster.root / "worker.log").read_text()
+    # The killed attempt was the first; the second, on the new worker, finished the step.
+    (publish,) = cluster.attempts(accepted["jobId"], "deploy_model")
+    assert (publish.attempt, publish.outcome, publish.after) == (
+        2,
+        "completed",
+        "heartbeat timeout",
+    )
+    assert publish.worker == cluster.identity("worker")
+    (convert,) = cluster.attempts(accepted["jobId"], "convert_to_gguf")
+    assert convert.attempt == 1, "the conversion before the kill took one attempt"
 
 
 @pytest.fixture
@@ -106,7 +116,7 @@ def test_disk_full_during_conversion_fails_clearly_and_publishes_nothing(
     seed_tenant(cluster.settings, "full", lines=40)
     cluster.start("api")
     cluster.start("worker")
-    model_path = Path(train(cluster, "full"))
+    model_path = cluster.settings.models_dir / "full" / train(cluster, "full")
     files_before = sorted(p.relative_to(model_path) for p in model_path.rglob("*"))
 
     # Leave 256 KB: the trained adapter fits, its merged weights and GGUF will not.
@@ -122,6 +132,9 @@ def test_disk_full_during_conversion_fails_clearly_and_publishes_nothing(
     reason = str(job["failedReason"])
     assert "no space left on device" in reason and "free space there" in reason, reason
     assert job["attemptsMade"] == 1  # one job run; its conversion step tried twice
+    (convert,) = cluster.attempts(accepted["jobId"], "convert_to_gguf")
+    assert (convert.attempt, convert.outcome) == (2, "failed"), convert
+    assert "no space left on device" in convert.after, "the first attempt failed the same way"
     # Nothing half-written: the model dir is as training left it, nothing was published.
     assert sorted(p.relative_to(model_path) for p in model_path.rglob("*")) == files_before
     assert not cluster.settings.registry_dir.exists() or not any(
@@ -133,4 +146,5 @@ def test_disk_full_during_conversion_fails_clearly_and_publishes_nothing(
     accepted = deploy(cluster, "full", str(model_path), version="1.1")
     job = cluster.wait_for("full", accepted["jobId"], timeout_s=300)
     assert job["state"] == "completed", job
-    assert Path(job["result"]["gguf_path"]).exists()  # type: ignore[index]
+    gguf = cluster.settings.models_dir / "full" / job["result"]["ggufPath"]  # type: ignore[index]
+    assert gguf.exists()

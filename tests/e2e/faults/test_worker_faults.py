@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,26 +23,34 @@ BODY = {
 }
 
 
+def submit(cluster: Cluster, company: str, body: dict[str, object]) -> str:
+    r = httpx.post(
+        f"{cluster.api_url}/api/ai/models/{company}/train",
+        json=body,
+        headers=cluster.headers(company),
+        timeout=30,
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["jobId"])
+
+
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     seed_tenant(cluster.settings, "acme", lines=200)
     cluster.start("api")
     cluster.start("worker")
-    r = httpx.post(
-        f"{cluster.api_url}/api/ai/models/acme/train",
-        json=BODY,
-        headers=cluster.headers("acme"),
-        timeout=30,
-    )
-    assert r.status_code == 202, r.text
-    job_id = r.json()["jobId"]
-    checkpoints = cluster.settings.runs_dir / job_id / "checkpoints"
+    job_id = submit(cluster, "acme", BODY)
     deadline = time.monotonic() + 180
-    while True:  # about half-way, with at least one checkpoint named in a heartbeat
-        job = cluster.job("acme", job_id)
-        if float(job["progress"]) >= 45 and list(checkpoints.glob("checkpoint-*")):  # type: ignore[arg-type]
-            break
-        assert time.monotonic() < deadline, job
+    while True:  # about half-way, with a checkpoint named in the heartbeat Temporal holds
+        running = cluster.running(job_id, "train_model")
+        if running and running.started:
+            step, total = running.details.get("step", 0), running.details.get("total", 0)
+            if running.details.get("checkpoint") and total and step >= 0.45 * total:
+                break
+        assert time.monotonic() < deadline, (running, cluster.job("acme", job_id))
         time.sleep(0.3)
+    # What is killed is the first attempt, running on this worker: none was lost before.
+    assert running.attempt == 1, f"attempt {running.attempt} runs: one ended on a live worker"
+    assert running.worker == cluster.identity("worker")
     assert len(training_processes()) == 1
 
     cluster.kill("worker")  # kill -9: no cleanup code runs in the worker
@@ -63,12 +70,57 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
         assert time.monotonic() < deadline
         time.sleep(0.3)
     assert job["state"] == "completed", job
+    assert job["attemptsMade"] == 1, "one run of the job: the activity retried, not the job"
+    # The second attempt finished it, on the new worker, after the killed one's heartbeat timeout.
+    (last,) = cluster.attempts(job_id, "train_model")
+    assert (last.attempt, last.outcome) == (2, "completed"), last
+    assert last.worker == cluster.identity("worker") and last.after == "heartbeat timeout", last
     assert most_at_once <= 1, "two training processes ran for one job"
     metrics = job["result"]["metrics"]  # type: ignore[index]
-    assert metrics["resumed_from_step"] > 0, "the retry started from zero"
-    history = json.loads((Path(job["result"]["model_path"]) / "metrics.json").read_text())  # type: ignore[index]
+    assert metrics["resumedFromStep"] > 0, "the retry started from zero"
+    version_dir = cluster.settings.models_dir / job["companyId"] / job["result"]["modelPath"]  # type: ignore[index, operator]
+    history = json.loads((version_dir / "metrics.json").read_text())
     steps = [s for s, _ in history["loss_history"]]
-    assert steps == list(range(1, metrics["total_steps"] + 1)), "one loss per step, no restart"
+    assert steps == list(range(1, metrics["totalSteps"] + 1)), "one loss per step, no restart"
+
+
+def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worker(
+    cluster: Cluster,
+) -> None:
+    """One training slot, two jobs: the second waits in Temporal's task queue for longer than
+    the heartbeat timeout, with no attempt spent, then trains once the first is done."""
+    seed_tenant(cluster.settings, "slots", lines=200)
+    cluster.start("api")
+    cluster.start("worker")  # WORKER_MAX_CONCURRENT_TRAININGS=1, the default
+    first = submit(cluster, "slots", BODY)
+    second = submit(cluster, "slots", {**BODY, "epochs": 1})
+    timeout_s = cluster.settings.train_heartbeat_timeout_s
+    waited_from = waited_to = 0.0
+    most_at_once = 0
+    deadline = time.monotonic() + 400
+    while cluster.job("slots", first)["state"] not in ("completed", "failed"):
+        most_at_once = max(most_at_once, len(training_processes()))
+        running, waiting = (
+            cluster.running(first, "train_model"),
+            cluster.running(second, "train_model"),
+        )
+        if running and running.started and waiting:
+            assert not waiting.started, "two trainings at once on a one-slot worker"
+            assert waiting.attempt == 1, "the waiting job spent an attempt"
+            waited_from = waited_from or time.monotonic()
+            waited_to = time.monotonic()
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert waited_to - waited_from > timeout_s + 2, (
+        f"the second job waited {waited_to - waited_from:.0f} s for the slot; the test needs "
+        f"longer than the heartbeat timeout ({timeout_s} s) to prove anything"
+    )
+    assert cluster.wait_for("slots", second)["state"] == "completed"
+    assert cluster.job("slots", first)["state"] == "completed"
+    assert most_at_once <= 1, "two training processes at once on a one-slot worker"
+    for job_id in (first, second):
+        (only,) = cluster.attempts(job_id, "train_model")
+        assert (only.attempt, only.outcome, only.after) == (1, "completed", ""), (job_id, only)
 
 
 def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
@@ -96,6 +148,8 @@ def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
     assert final["state"] == "completed"
     runs = list((cluster.settings.models_dir / "storm").iterdir())
     assert [p.name for p in runs] == [job_id], "exactly one training run produced a model"
+    (only,) = cluster.attempts(job_id, "train_model")
+    assert (only.attempt, only.outcome) == (1, "completed"), only
 
 
 def test_api_restart_mid_job_changes_nothing(cluster: Cluster) -> None:
@@ -118,3 +172,5 @@ def test_api_restart_mid_job_changes_nothing(cluster: Cluster) -> None:
     cluster.start("api")
     assert cluster.job("steady", job_id)["state"] in ("active", "completed")
     assert cluster.wait_for("steady", job_id)["state"] == "completed"
+    (only,) = cluster.attempts(job_id, "train_model")
+    assert (only.attempt, only.outcome) == (1, "completed"), "the API's restart cost an attempt"

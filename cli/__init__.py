@@ -1,0 +1,1 @@
+"""The `tenanttune` command: local stack, demo, tokens, jobs, queues, selftest, replay."""
