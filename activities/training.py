@@ -103,7 +103,9 @@ class TrainingActivities:
         since the job was queued), with the base model's own tokenizer."""
         assert req.hyperparameters is not None
         hp = req.hyperparameters
-        base = req.base_model or await self._tiny_base()
+        # The base's tokenizer where it is on this host (the built-in base once built): the
+        # same count the API made; without it, the same upper bound the API used.
+        base = req.base_model or str(self.settings.tiny_base_dir)
         examples = await asyncio.to_thread(dataset.read_examples, train_file)
         counted = await asyncio.to_thread(tokens.count, base, examples, hp.max_seq_len)
         total = counted.tokens * hp.epochs

@@ -22,7 +22,7 @@ from cli import stack
 from tenanttune.auth import mint_token, with_local_secret
 from tenanttune.settings import Settings
 from tests.conftest import free_port, seed_tenant
-from training.base_model import TINY_CONFIG, build_tiny_base
+from training.base_model import build_tiny_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 CLI = [sys.executable, "-m", "cli.main"]
@@ -164,12 +164,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         worker_metrics_port=0,
         rate_limit_per_minute=0,  # the watcher asks many times a second
     )
-    # A small random-weights base of the tiny model's kind, built here in seconds: what is
-    # tested is the stack, and the shared pre-trained base can take minutes to build.
-    small = {**TINY_CONFIG, "pretrain_steps": 0, "vocab_size": 512, "hidden_size": 64}
-    small |= {"intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    small |= {"num_key_value_heads": 2}
-    build_tiny_base(root / "base", config=small, shared_cache=False)
+    build_tiny_base(root / "base")  # built here, so the stack's first job does not wait for it
     env = {k: v for k, v in stack._settings_env(settings).items() if v is not None}
     env = {**os.environ, **env}
     out = subprocess.run(
