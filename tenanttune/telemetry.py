@@ -41,7 +41,7 @@ from temporalio.worker import (
     Interceptor,
 )
 
-from tenanttune.settings import Settings
+from tenanttune.settings import SLOT_QUEUES, Settings
 from tenanttune.vocab import queue_of
 
 log = logging.getLogger("tenanttune.activity")
@@ -284,9 +284,14 @@ class _ActivityTelemetryInbound(ActivityInboundInterceptor):
         except Exception as exc:
             outcome = "failed"
             kind = error_type(exc)
-            ERRORS.labels(info.task_queue, info.activity_type, kind).inc()
+            ERRORS.labels(_job_queue(info.task_queue), info.activity_type, kind).inc()
             _OTEL_ERRORS.add(
-                1, {"queue": info.task_queue, "stage": info.activity_type, "error_type": kind}
+                1,
+                {
+                    "queue": _job_queue(info.task_queue),
+                    "stage": info.activity_type,
+                    "error_type": kind,
+                },
             )
             raise
         except BaseException:
@@ -294,10 +299,16 @@ class _ActivityTelemetryInbound(ActivityInboundInterceptor):
             raise
         finally:
             elapsed = time.monotonic() - start
-            STAGE_SECONDS.labels(info.task_queue, info.activity_type, outcome).observe(elapsed)
+            STAGE_SECONDS.labels(_job_queue(info.task_queue), info.activity_type, outcome).observe(
+                elapsed
+            )
             _OTEL_STAGE_SECONDS.record(
                 elapsed,
-                {"queue": info.task_queue, "stage": info.activity_type, "outcome": outcome},
+                {
+                    "queue": _job_queue(info.task_queue),
+                    "stage": info.activity_type,
+                    "outcome": outcome,
+                },
             )
             log.log(
                 logging.DEBUG if info.activity_type in _HOUSEKEEPING else logging.INFO,
@@ -308,3 +319,11 @@ class _ActivityTelemetryInbound(ActivityInboundInterceptor):
                 info.attempt,
             )
             job_context.reset(token)
+
+
+def _job_queue(task_queue: str) -> str:
+    """The job queue a task queue serves: `model-training-slots` counts as `model-training`."""
+    for queue, slots in SLOT_QUEUES.items():
+        if task_queue == slots:
+            return queue
+    return task_queue

@@ -139,14 +139,12 @@ async def test_f5_the_budget_counts_real_tokens_of_the_base_model(
     company = "emoji"
     target = settings.tenant_data_dir(company)
     target.mkdir(parents=True, exist_ok=True)
-    lines = [
-        chat_line(f"请问 {i} 号订单 🚚📦 在哪里？", "已发货 ✅ 🎉 预计明天送达 🙏")
-        for i in range(40)
-    ]
+    question, answer = "号订单 🚚📦 在哪里？", "已发货 ✅ 🎉 预计明天送达 🙏"
+    lines = [chat_line(f"请问 {i} {question}", answer) for i in range(40)]
     (target / "cjk.jsonl").write_text("\n".join(lines) + "\n")
     counted = tokens.count(settings.tiny_base_dir, _conversations(settings, company), 256)
     assert counted.exact
-    chars = sum(len(line) for line in lines)
+    chars = sum(len(f"请问 {i} {question}") + len(answer) for i in range(40))
     assert counted.tokens > 2 * (chars // 4), "the sample is not token-dense"
     plan.train_max_token_budget = counted.tokens - 1  # one token short, at one epoch
     before = (await temporal_env.client.count_workflows(f"CompanyId='{company}'")).count

@@ -84,45 +84,6 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
     assert steps == list(range(1, metrics["totalSteps"] + 1)), "one loss per step, no restart"
 
 
-def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worker(
-    cluster: Cluster,
-) -> None:
-    """One training slot, two jobs: the second waits in Temporal's task queue for longer than
-    the heartbeat timeout, with no attempt spent, then trains once the first is done."""
-    seed_tenant(cluster.settings, "slots", lines=200)
-    cluster.start("api")
-    cluster.start("worker")  # WORKER_MAX_CONCURRENT_TRAININGS=1, the default
-    first = submit(cluster, "slots", BODY)
-    second = submit(cluster, "slots", {**BODY, "epochs": 1})
-    timeout_s = cluster.settings.train_heartbeat_timeout_s
-    waited_from = waited_to = 0.0
-    most_at_once = 0
-    deadline = time.monotonic() + 400
-    while cluster.job("slots", first)["state"] not in ("completed", "failed"):
-        most_at_once = max(most_at_once, len(training_processes()))
-        running, waiting = (
-            cluster.running(first, "train_model"),
-            cluster.running(second, "train_model"),
-        )
-        if running and running.started and waiting:
-            assert not waiting.started, "two trainings at once on a one-slot worker"
-            assert waiting.attempt == 1, "the waiting job spent an attempt"
-            waited_from = waited_from or time.monotonic()
-            waited_to = time.monotonic()
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    assert waited_to - waited_from > timeout_s + 2, (
-        f"the second job waited {waited_to - waited_from:.0f} s for the slot; the test needs "
-        f"longer than the heartbeat timeout ({timeout_s} s) to prove anything"
-    )
-    assert cluster.wait_for("slots", second)["state"] == "completed"
-    assert cluster.job("slots", first)["state"] == "completed"
-    assert most_at_once <= 1, "two training processes at once on a one-slot worker"
-    for job_id in (first, second):
-        (only,) = cluster.attempts(job_id, "train_model")
-        assert (only.attempt, only.outcome, only.after) == (1, "completed", ""), (job_id, only)
-
-
 def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
     seed_tenant(cluster.settings, "storm", lines=40)
     cluster.start("api")
