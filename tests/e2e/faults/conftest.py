@@ -193,7 +193,8 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     redis_url = "redis://127.0.0.1:6379/15"
-    redis.Redis.from_url(redis_url).flushdb()
+    # Keys of this test only: another session's fault tests may share the database.
+    prefix = f"bull-{secrets.token_hex(4)}"
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         state_dir=tmp_path / "state",
@@ -203,6 +204,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         temporal_ui_port=free_port(),
         api_port=free_port(),
         redis_url=redis_url,
+        redis_prefix=prefix,
         jwt_secret=secrets.token_urlsafe(32),  # no secret is built in
         # Short, so a dead worker's activity is noticed in seconds, not a minute.
         train_heartbeat_timeout_s=10,
@@ -217,6 +219,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         "TEMPORAL_ADDRESS": settings.temporal_address,
         "API_PORT": str(settings.api_port),
         "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "WORKER_METRICS_PORT": "0",  # no clash with another worker's metrics port
         "JWT_SECRET": settings.jwt_secret,
         "TRAIN_HEARTBEAT_TIMEOUT_S": "10",
         "TRAIN_SAVE_STEPS": "5",
@@ -233,6 +237,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         stack.stop(settings)
+        keys = redis.Redis.from_url(redis_url)
+        for key in keys.scan_iter(f"{prefix}:*"):
+            keys.delete(key)
 
 
 def _reason(failure: Failure) -> str:

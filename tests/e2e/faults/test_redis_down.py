@@ -15,7 +15,7 @@ import redis
 from tests.conftest import REPO
 from tests.e2e.faults.conftest import Cluster, free_port, seed_tenant
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # minutes of real work on 2 busy cores
 
 
 def start_redis(port: int) -> subprocess.Popen[bytes]:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.faults.conftest import Cluster, seed_tenant
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # minutes of real work on 2 busy cores
 QUICK = {
     "epochs": 1,
     "batchSize": 8,

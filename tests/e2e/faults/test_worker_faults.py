@@ -13,13 +13,15 @@ import pytest
 from tests.conftest import training_processes
 from tests.e2e.faults.conftest import Cluster, seed_tenant
 
-pytestmark = pytest.mark.e2e
-BODY = {
-    "epochs": 6,
+# A training, a kill, a heartbeat timeout, a restarted worker and the rest of the training
+# take minutes on a busy 2-core machine; each wait inside has its own deadline.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+BODY = {  # ~55 steps on 120 examples: long enough to kill half-way, short enough to repeat
+    "epochs": 4,
     "batchSize": 8,
     "learningRate": 0.003,
-    "loraRank": 16,
-    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "loraRank": 8,
+    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 
@@ -35,11 +37,11 @@ def submit(cluster: Cluster, company: str, body: dict[str, object]) -> str:
 
 
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster) -> None:
-    seed_tenant(cluster.settings, "acme", lines=200)
+    seed_tenant(cluster.settings, "acme", lines=120)
     cluster.start("api")
     cluster.start("worker")
     job_id = submit(cluster, "acme", BODY)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 400
     while True:  # about half-way, with a checkpoint named in the heartbeat Temporal holds
         running = cluster.running(job_id, "train_model")
         if running and running.started:
@@ -61,7 +63,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
 
     cluster.start("worker")
     most_at_once = 0
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 400
     while True:
         most_at_once = max(most_at_once, len(training_processes()))
         job = cluster.job("acme", job_id)
@@ -82,6 +84,49 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
     history = json.loads((version_dir / "metrics.json").read_text())
     steps = [s for s, _ in history["loss_history"]]
     assert steps == list(range(1, metrics["totalSteps"] + 1)), "one loss per step, no restart"
+
+
+def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worker(
+    cluster: Cluster,
+) -> None:
+    """One training slot, two jobs: the second waits in Temporal's task queue for longer than
+    the heartbeat timeout, with no attempt spent, then trains once the first is done."""
+    seed_tenant(cluster.settings, "slots", lines=120)
+    cluster.start("api")
+    cluster.start("worker")  # WORKER_MAX_CONCURRENT_TRAININGS=1, the default
+    first = submit(cluster, "slots", BODY)
+    deadline = time.monotonic() + 300
+    while not ((running := cluster.running(first, "train_model")) and running.started):
+        assert time.monotonic() < deadline, cluster.job("slots", first)
+        time.sleep(0.3)
+    second = submit(cluster, "slots", {**BODY, "epochs": 1})  # the slot is taken
+    timeout_s = cluster.settings.train_heartbeat_timeout_s
+    waited_from = waited_to = 0.0
+    most_at_once = 0
+    deadline = time.monotonic() + 400
+    while cluster.job("slots", first)["state"] not in ("completed", "failed"):
+        most_at_once = max(most_at_once, len(training_processes()))
+        running, waiting = (
+            cluster.running(first, "train_model"),
+            cluster.running(second, "train_model"),
+        )
+        if running and running.started and waiting:
+            assert not waiting.started, "two trainings at once on a one-slot worker"
+            assert waiting.attempt == 1, "the waiting job spent an attempt"
+            waited_from = waited_from or time.monotonic()
+            waited_to = time.monotonic()
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert waited_to - waited_from > timeout_s + 2, (
+        f"the second job waited {waited_to - waited_from:.0f} s for the slot; the test needs "
+        f"longer than the heartbeat timeout ({timeout_s} s) to prove anything"
+    )
+    assert cluster.wait_for("slots", second)["state"] == "completed"
+    assert cluster.job("slots", first)["state"] == "completed"
+    assert most_at_once <= 1, "two training processes at once on a one-slot worker"
+    for job_id in (first, second):
+        (only,) = cluster.attempts(job_id, "train_model")
+        assert (only.attempt, only.outcome, only.after) == (1, "completed", ""), (job_id, only)
 
 
 def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
