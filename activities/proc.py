@@ -188,15 +188,19 @@ class ScriptRun:
 
 
 async def terminate(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the subprocess's group, then SIGKILL after a grace period."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
-            return
-        except TimeoutError:
-            continue
+    """SIGTERM the subprocess's group, then SIGKILL after a grace period; returns only once the
+    subprocess has ended, so the slot it held is never given to another while it still runs
+    (on a loaded machine a killed training took longer than any fixed wait to be reaped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+        return
+    except TimeoutError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await asyncio.shield(proc.wait())
 
 
 _beating: contextvars.ContextVar[bool] = contextvars.ContextVar("heartbeating", default=False)

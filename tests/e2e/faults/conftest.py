@@ -180,7 +180,7 @@ class Cluster:
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
-    def wait_for(self, company: str, job_id: str, timeout_s: float = 300) -> dict[str, object]:
+    def wait_for(self, company: str, job_id: str, timeout_s: float = 600) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             job = self.job(company, job_id)

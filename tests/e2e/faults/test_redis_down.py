@@ -66,7 +66,7 @@ def test_job_completes_with_redis_down_and_the_mirror_is_rebuilt(
     refused = httpx.post(url, json=body, headers=cluster.headers("norediss"), timeout=60)
     assert refused.status_code == 503 and "rate limiter" in refused.json()["detail"]
     assert cluster.job("norediss", job_id)["source"] == "temporal"
-    final = cluster.wait_for("norediss", job_id, timeout_s=300)
+    final = cluster.wait_for("norediss", job_id)
     assert final["state"] == "completed" and final["source"] == "temporal"
     # Mirror writes time out meanwhile; none of them held the heartbeat up.
     (only,) = cluster.attempts(job_id, "train_model")

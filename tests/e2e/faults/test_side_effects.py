@@ -70,7 +70,7 @@ def test_worker_killed_after_publishing_does_not_publish_twice(cluster: Cluster)
 
     # A new worker takes the deploy step over after its heartbeat timeout.
     cluster.start("worker")
-    job = cluster.wait_for("pub", accepted["jobId"], timeout_s=300)
+    job = cluster.wait_for("pub", accepted["jobId"])
     assert job["state"] == "completed", job
     assert job["result"]["verification"]["text"]  # type: ignore[index]
     # The retry recognised the finished publish: same files, nothing moved aside or re-copied.
@@ -126,7 +126,7 @@ def test_disk_full_during_conversion_fails_clearly_and_publishes_nothing(
         f.truncate(0)
         os.posix_fallocate(f.fileno(), 0, free - 256 * 1024)
     accepted = deploy(cluster, "full", str(model_path), version="1.0", attempts=2)
-    job = cluster.wait_for("full", accepted["jobId"], timeout_s=300)
+    job = cluster.wait_for("full", accepted["jobId"])
 
     assert job["state"] == "failed", job
     reason = str(job["failedReason"])
@@ -144,7 +144,7 @@ def test_disk_full_during_conversion_fails_clearly_and_publishes_nothing(
     # Space freed: the next job runs on the same worker and deploys.
     filler.unlink()
     accepted = deploy(cluster, "full", str(model_path), version="1.1")
-    job = cluster.wait_for("full", accepted["jobId"], timeout_s=300)
+    job = cluster.wait_for("full", accepted["jobId"])
     assert job["state"] == "completed", job
     gguf = cluster.settings.models_dir / "full" / job["result"]["ggufPath"]  # type: ignore[index]
     assert gguf.exists()

@@ -123,10 +123,10 @@ def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worke
     )
     assert cluster.wait_for("slots", second)["state"] == "completed"
     assert cluster.job("slots", first)["state"] == "completed"
-    assert most_at_once <= 1, "two training processes at once on a one-slot worker"
     for job_id in (first, second):
         (only,) = cluster.attempts(job_id, "train_model")
         assert (only.attempt, only.outcome, only.after) == (1, "completed", ""), (job_id, only)
+    assert most_at_once <= 1, "two training processes at once on a one-slot worker"
 
 
 def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
