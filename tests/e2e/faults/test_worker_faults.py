@@ -15,7 +15,7 @@ from tests.e2e.faults.conftest import Cluster, seed_tenant
 
 # A training, a kill, a heartbeat timeout, a restarted worker and the rest of the training
 # take minutes on a busy 2-core machine; each wait inside has its own deadline.
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 BODY = {  # ~55 steps on 120 examples: long enough to kill half-way, short enough to repeat
     "epochs": 4,
     "batchSize": 8,
@@ -41,7 +41,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
     cluster.start("api")
     cluster.start("worker")
     job_id = submit(cluster, "acme", BODY)
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 700
     while True:  # about half-way, with a checkpoint named in the heartbeat Temporal holds
         running = cluster.running(job_id, "train_model")
         if running and running.started:
@@ -63,7 +63,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cluster: Cluster
 
     cluster.start("worker")
     most_at_once = 0
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 700
     while True:
         most_at_once = max(most_at_once, len(training_processes()))
         job = cluster.job("acme", job_id)
@@ -94,7 +94,7 @@ def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worke
     seed_tenant(cluster.settings, "slots", lines=120)
     cluster.start("api")
     cluster.start("worker")  # WORKER_MAX_CONCURRENT_TRAININGS=1, the default
-    first = submit(cluster, "slots", BODY)
+    first = submit(cluster, "slots", BODY)  # ~55 steps: longer than the heartbeat timeout
     deadline = time.monotonic() + 300
     while not ((running := cluster.running(first, "train_model")) and running.started):
         assert time.monotonic() < deadline, cluster.job("slots", first)
@@ -103,7 +103,7 @@ def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worke
     timeout_s = cluster.settings.train_heartbeat_timeout_s
     waited_from = waited_to = 0.0
     most_at_once = 0
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 700
     while cluster.job("slots", first)["state"] not in ("completed", "failed"):
         most_at_once = max(most_at_once, len(training_processes()))
         running, waiting = (
@@ -115,7 +115,7 @@ def test_a_training_beyond_the_workers_slots_waits_in_the_queue_not_in_the_worke
             assert waiting.attempt == 1, "the waiting job spent an attempt"
             waited_from = waited_from or time.monotonic()
             waited_to = time.monotonic()
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, cluster.job("slots", first)
         time.sleep(0.5)
     assert waited_to - waited_from > timeout_s + 2, (
         f"the second job waited {waited_to - waited_from:.0f} s for the slot; the test needs "
@@ -137,7 +137,7 @@ def test_duplicate_submission_storm_runs_one_job(cluster: Cluster) -> None:
     body = {**BODY, "epochs": 1}
 
     async def storm() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=cluster.api_url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=cluster.api_url, timeout=300) as client:
             return await asyncio.gather(
                 *[
                     client.post("/api/ai/models/storm/train", json=body, headers=headers)
