@@ -169,7 +169,7 @@ def test_api_restart_mid_job_changes_nothing(cluster: Cluster) -> None:
         timeout=30,
     )
     job_id = r.json()["jobId"]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while cluster.job("steady", job_id)["state"] != "active":
         assert time.monotonic() < deadline
         time.sleep(0.3)
