@@ -242,23 +242,30 @@ class JobService:
         client = await self.client()
         options, company = req.options, req.company_id
         added = False
-        async with admission.tenant_lock(self.mirror, company):
-            existing = None
-            with contextlib.suppress(RedisError, OSError):
-                existing = await self.mirror.state_of(queue, req.job_id)
-            if existing is None:  # the same idempotency key again is an answer, not a new job
-                await admission.check_job_quota(self.settings, self.mirror, client, company)
-            with contextlib.suppress(RedisError, OSError):
-                added = await self.mirror.add(
-                    queue,
-                    req.job_id,
-                    name="train" if queue == TRAINING_QUEUE else "deploy",
-                    company_id=company,
-                    data=data,
-                    opts=opts,
-                    delay_ms=options.delay_ms,
-                    priority=options.priority,
-                )
+        known = None
+        with contextlib.suppress(RedisError, OSError):
+            known = await self.mirror.state_of(queue, req.job_id)
+        # The same idempotency key again is an answer, not a new job: it takes no quota and no
+        # turn in the tenant's lock (a storm of retries of one request must not queue behind
+        # itself and time out); the start below still makes sure the workflow exists.
+        if known is None:
+            async with admission.tenant_lock(self.mirror, company):
+                existing = None
+                with contextlib.suppress(RedisError, OSError):
+                    existing = await self.mirror.state_of(queue, req.job_id)
+                if existing is None:
+                    await admission.check_job_quota(self.settings, self.mirror, client, company)
+                with contextlib.suppress(RedisError, OSError):
+                    added = await self.mirror.add(
+                        queue,
+                        req.job_id,
+                        name="train" if queue == TRAINING_QUEUE else "deploy",
+                        company_id=company,
+                        data=data,
+                        opts=opts,
+                        delay_ms=options.delay_ms,
+                        priority=options.priority,
+                    )
         try:
             await self._start_job(
                 run,
